@@ -21,6 +21,8 @@ class BackboneConfig:
     name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     dilation: bool = False  # DC5: replace the last stage's stride by dilation
     weights: str | None = None  # torchvision-layout ImageNet state dict to start from
+    norm: str = "frozen_bn"  # frozen_bn (pretrained statistics) | bn (training from scratch)
+    frozen: list[str] = field(default_factory=lambda: ["stem", "layer1"])  # parts never trained
     train: bool = True  # False freezes the whole backbone (lr_backbone is then unused)
 
 
@@ -222,6 +224,10 @@ def update(obj: Any, values: dict[str, Any], where: str = "config") -> Any:
     for key, value in values.items():
         _set_field(obj, key, value, where)
     return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def from_dict(values: dict[str, Any]) -> Config:

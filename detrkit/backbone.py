@@ -1,0 +1,266 @@
+"""ResNet backbones with torchvision's parameter names, frozen batch norm, and DETR's ``Backbone``.
+
+The ResNets are torchvision's v1.5 layout (stride on the 3x3 conv of a bottleneck) so that
+torchvision ImageNet state dicts load as they are; there is no ``fc`` head.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrkit.config import BackboneConfig, ConfigError
+from detrkit.errors import CheckpointError
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+NormLayer = Callable[[int], nn.Module]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d whose statistics and affine parameters are fixed buffers.
+
+    Detection batches are too small for useful batch statistics, so the ImageNet ones are kept.
+    """
+
+    def __init__(self, n: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # nn.BatchNorm2d state dicts carry a step counter that means nothing once frozen.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[:, None, None] + shift[:, None, None]
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34). ``width`` is the block's output channel count."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, width: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None, norm: NormLayer = FrozenBatchNorm2d):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, width, stride, dilation)
+        self.bn1 = norm(width)
+        self.conv2 = _conv3x3(width, width, dilation=dilation)
+        self.bn2 = norm(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride, v1.5), 1x1 expand to ``width * 4`` (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, width: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None, norm: NormLayer = FrozenBatchNorm2d):
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, width)
+        self.bn1 = norm(width)
+        self.conv2 = _conv3x3(width, width, stride, dilation)
+        self.bn2 = norm(width)
+        self.conv3 = _conv1x1(width, width * self.expansion)
+        self.bn3 = norm(width * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """A ResNet body: stem (conv1, bn1, maxpool) and four stages ``layer1..layer4``.
+
+    ``channels[name]`` and ``strides[name]`` give each stage's output channels and its total
+    stride relative to the input, read off the built blocks.
+    """
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int],
+                 replace_stride_with_dilation: Sequence[bool] = (False, False, False),
+                 norm: NormLayer | None = None):
+        super().__init__()
+        norm = norm or FrozenBatchNorm2d
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation needs one flag for each of layer2..layer4")
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
+        self.bn1 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+
+        inplanes, dilation = 64, 1
+        stride_so_far = self.conv1.stride[0] * self.maxpool.stride
+        self.channels: dict[str, int] = {}
+        self.strides: dict[str, int] = {}
+        dilate_flags = (False, *replace_stride_with_dilation)
+        for i, (name, n, dilate) in enumerate(zip(STAGES, depths, dilate_flags)):
+            width, stride = 64 * 2**i, 1 if i == 0 else 2
+            first_dilation = dilation
+            if dilate:
+                # Keep the resolution; later 3x3 convs see the same receptive field via dilation.
+                dilation, stride = dilation * stride, 1
+            downsample = None
+            if stride != 1 or inplanes != width * block.expansion:
+                downsample = nn.Sequential(_conv1x1(inplanes, width * block.expansion, stride),
+                                           norm(width * block.expansion))
+            blocks = [block(inplanes, width, stride, first_dilation, downsample, norm)]
+            inplanes = width * block.expansion
+            blocks += [block(inplanes, width, dilation=dilation, norm=norm) for _ in range(1, n)]
+            self.add_module(name, nn.Sequential(*blocks))
+            for b in blocks:
+                stride_so_far *= b.stride
+            self.channels[name] = inplanes
+            self.strides[name] = stride_so_far
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x: (B, 3, H, W) -> {"layer1": (B, C1, H/4, W/4), ..., "layer4": (B, C4, H/32, W/32)}."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = {}
+        for name in STAGES:
+            x = getattr(self, name)(x)
+            out[name] = x
+        return out
+
+
+_ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+NORMS: dict[str, NormLayer] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+
+
+def resnet(name: str, replace_stride_with_dilation: Sequence[bool] = (False, False, False),
+           norm: str = "frozen_bn") -> ResNet:
+    """Build ``resnet18|34|50|101`` with random conv weights and ``norm`` ("frozen_bn" for
+    pretrained weights, "bn" for training from scratch, where there are no statistics to freeze)."""
+    if name not in _ARCHS:
+        raise ConfigError(f"model.backbone.name: unknown backbone {name!r}; choose one of {', '.join(_ARCHS)}")
+    if norm not in NORMS:
+        raise ConfigError(f"model.backbone.norm: unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    block, depths = _ARCHS[name]
+    return ResNet(block, depths, replace_stride_with_dilation, NORMS[norm])
+
+
+class Backbone(nn.Module):
+    """A ResNet body returning the feature maps of ``return_layers`` with matching padding masks.
+
+    Built from ``cfg``: loads ``cfg.weights`` when set (clear it when a full model checkpoint
+    follows), dilates the last stage when ``cfg.dilation`` (DC5), and freezes the parts named in
+    ``cfg.frozen`` (DETR: the stem and layer1) and everything when ``cfg.train`` is False.
+    """
+
+    def __init__(self, cfg: BackboneConfig, return_layers: Sequence[str] = ("layer4",)):
+        super().__init__()
+        unknown = [name for name in return_layers if name not in STAGES]
+        if unknown or not return_layers:
+            raise ValueError(f"return_layers must be a non-empty subset of {STAGES}, got {tuple(return_layers)}")
+        self.body = resnet(cfg.name, (False, False, cfg.dilation), cfg.norm)
+        if cfg.weights:
+            load_backbone_weights(self.body, cfg.weights)
+        unknown = set(cfg.frozen) - {"stem", *STAGES}
+        if unknown:
+            raise ConfigError(f"model.backbone.frozen: unknown parts {sorted(unknown)}; use stem, {', '.join(STAGES)}")
+        for name, p in self.body.named_parameters():
+            part = name.split(".")[0]
+            part = "stem" if part in ("conv1", "bn1") else part
+            p.requires_grad_(cfg.train and part not in cfg.frozen)
+        self.return_layers = tuple(return_layers)
+        self.num_channels = [self.body.channels[name] for name in self.return_layers]
+        self.strides = [self.body.strides[name] for name in self.return_layers]
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """images: (B, 3, H, W), mask: (B, H, W) bool, True = padding.
+
+        Returns one ``(feature (B, C_l, H_l, W_l), mask (B, H_l, W_l) bool)`` per return layer.
+        """
+        features = self.body(images)
+        out = []
+        for name in self.return_layers:
+            x = features[name]
+            m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out.append((x, m))
+        return out
+
+
+def _key_list(keys: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """Load a torchvision-layout ResNet state dict (.pth or .safetensors) into ``body`` in place.
+
+    ``fc.*`` and ``num_batches_tracked`` entries are ignored. Raises CheckpointError when the file
+    cannot be read or its keys or shapes do not fit ``body``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: backbone weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for truncated or corrupt files
+        raise CheckpointError(f"{path}: cannot read backbone weights (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a ResNet state dict mapping names to tensors")
+
+    state = {k: v for k, v in state.items()
+             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    expected = body.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        problems = [f"{label} ({len(keys)}): {_key_list(keys)}"
+                    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shape mismatches", wrong_shape)) if keys]
+        raise CheckpointError(f"{path}: backbone weights do not fit the model ({len(expected)} entries "
+                              f"expected); " + "; ".join(problems))
+    body.load_state_dict(state)

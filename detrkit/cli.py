@@ -1,0 +1,217 @@
+"""The ``detrkit`` command: synth, check, train, eval, predict, viz."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detrkit.errors import DetrkitError
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, split_default: str = "val") -> None:
+    p.add_argument("--data", help="dataset folder: annotations.json + images/, or train/ and val/ of that form")
+    p.add_argument("--split", default=split_default, help="train or val, when --data has both")
+    p.add_argument("--images", help="images folder (with --annotations, instead of --data)")
+    p.add_argument("--annotations", help="COCO annotations JSON (with --images, instead of --data)")
+
+
+def _dataset_paths(args: argparse.Namespace, split: str | None = None) -> tuple[Path, Path]:
+    from detrkit.data.coco import resolve_split
+    if args.images or args.annotations:
+        if not (args.images and args.annotations):
+            raise DetrkitError("--images and --annotations go together")
+        return Path(args.images), Path(args.annotations)
+    if not args.data:
+        raise DetrkitError("give a dataset: --data DIR, or --images DIR --annotations FILE")
+    return resolve_split(args.data, split or args.split)
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from detrkit.data.synth import generate
+    generate(args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.size,
+             num_classes=args.classes, seed=args.seed)
+    print(f"wrote {args.num_train} train and {args.num_val} val images to {args.out}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from detrkit.data.check import check_dataset, format_report
+    from detrkit.data.coco import resolve_split
+    if args.images or args.annotations:
+        splits = [_dataset_paths(args)]
+    elif (Path(args.dir) / "annotations.json").exists():
+        splits = [resolve_split(args.dir, None)]
+    else:
+        splits = [resolve_split(args.dir, s) for s in ("train", "val")]
+    for images, annotations in splits:
+        print(format_report(check_dataset(images, annotations)))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from detrkit import config, distributed
+    from detrkit.checkpoint import latest_checkpoint, read_config
+    from detrkit.data.coco import CocoDetection
+    from detrkit.data.transforms import make_transforms
+    from detrkit.engine import Run
+
+    out = Path(args.out)
+    if args.resume:
+        cfg = config.from_dict(read_config(latest_checkpoint(out))["config"])
+    else:
+        cfg = config.preset(args.preset)
+        if args.config:
+            cfg = config.load_yaml(args.config, cfg)
+    config.apply_overrides(cfg, args.set or [])
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.time_limit is not None:
+        cfg.train.time_limit = args.time_limit
+    device = distributed.init_from_env()
+    if args.device:
+        device = torch.device(args.device)
+    train_images, train_ann = _dataset_paths(args, "train")
+    train_set = CocoDetection(train_images, train_ann, make_transforms(cfg.data, train=True))
+    val_set = None
+    if not args.no_eval:
+        val_images, val_ann = (Path(args.val_images), Path(args.val_annotations)) if args.val_images \
+            else _dataset_paths(args, "val")
+        val_set = CocoDetection(val_images, val_ann, make_transforms(cfg.data, train=False))
+    run = Run(cfg, train_set.categories, out, device)
+    if args.resume:
+        run.restore(out)
+        print(f"resuming {out} at epoch {run.epoch}, step {run.global_step}")
+    elif distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml(cfg))
+    stats = run.train(train_set, val_set)
+    if stats and distributed.is_main():
+        from detrkit.evaluation import format_table
+        print(format_table(stats))
+    distributed.cleanup()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from detrkit.evaluation import evaluate_files, format_table
+    if args.predictions:
+        _, annotations = _dataset_paths(args)
+        stats = evaluate_files(args.predictions, annotations)
+    else:
+        if not args.checkpoint:
+            raise DetrkitError("give --checkpoint C (or --predictions RESULTS.json)")
+        from detrkit.data.coco import CocoDetection
+        from detrkit.data.transforms import make_transforms
+        from detrkit.engine import evaluate
+        from detrkit.inference import load
+        detector = load(args.checkpoint, args.device)
+        images, annotations = _dataset_paths(args)
+        dataset = CocoDetection(images, annotations, make_transforms(detector.cfg.data, train=False))
+        device = next(detector.parameters()).device
+        stats = evaluate(detector.model, detector.postprocess, dataset, detector.categories, device,
+                         args.batch_size)
+    print(format_table(stats))
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=2))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from detrkit.data.image import read_image
+    from detrkit.inference import load
+    from detrkit.viz import draw_detections
+    detector = load(args.checkpoint, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for image_id, path in enumerate(args.images):
+        image = read_image(path)
+        det = detector.predict(image, threshold=args.threshold)
+        for box, score, cat, name in zip(det.boxes.tolist(), det.scores.tolist(), det.category_ids, det.names):
+            x0, y0, x1, y1 = box
+            results.append({"image_id": image_id, "file_name": str(path), "category_id": cat,
+                            "category_name": name, "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                            "score": round(score, 4)})
+        draw_detections(image, det).save(out / f"{Path(path).stem}.png")
+        print(f"{path}: {len(det.scores)} objects")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'results.json'} and {len(args.images)} pictures")
+
+
+def cmd_viz(args: argparse.Namespace) -> None:
+    from detrkit import viz
+    viz.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detrkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate a synthetic COCO-format dataset (train and val)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--size", type=int, default=160, help="largest image side in pixels")
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("check", help="validate a dataset and print its statistics")
+    p.add_argument("dir", nargs="?", help="dataset folder")
+    p.add_argument("--images")
+    p.add_argument("--annotations")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help="train a detector")
+    p.add_argument("--preset", default="detr_small", help="named preset (see detrkit.config.PRESETS)")
+    p.add_argument("--config", help="YAML config applied on top of the preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
+    _add_dataset_args(p, split_default="train")
+    p.add_argument("--val-images")
+    p.add_argument("--val-annotations")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time-limit", type=float, help="seconds of training before stopping cleanly")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO metrics of a checkpoint or of a results file")
+    p.add_argument("--checkpoint")
+    p.add_argument("--predictions", help="COCO results JSON to score instead of running a model")
+    _add_dataset_args(p)
+    p.add_argument("--json", help="also write the 12 numbers to this file")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images; write results.json and pictures")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=0.7)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("viz", help="pictures from the papers (attention maps, query box distributions)")
+    from detrkit.viz import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_viz)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DetrkitError as e:
+        print(f"detrkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"detrkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Training and evaluation loops.
+
+Exact resumption is a design constraint here: the data order and every image's augmentation are
+functions of (seed, epoch, index), never of a shared random stream, so a run restarted from a
+checkpoint taken after any step sees the same batches, the same crops and the same dropout masks
+as the run that was not interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from detrkit import checkpoint, distributed
+from detrkit.build import build_criterion, build_model, build_postprocess
+from detrkit.config import Config, TrainConfig
+from detrkit.criterion import nonfinite_terms
+from detrkit.data.batch import collate
+from detrkit.data.coco import CategoryMap, CocoDetection
+from detrkit.errors import TrainingError
+from detrkit.evaluation import CocoEvaluator
+from detrkit.postprocess import to_coco_results
+
+
+# ---------------------------------------------------------------- data order
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item ``i`` of epoch ``e`` is augmented with its own seed."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        py_state, torch_state = random.getstate(), torch.get_rng_state()
+        random.seed(f"{self.seed}-{self.epoch}-{index}")
+        torch.manual_seed(random.getrandbits(63))
+        try:
+            return self.dataset[index]
+        finally:  # with num_workers=0 this runs in the training process: leave its streams untouched
+            random.setstate(py_state)
+            torch.set_rng_state(torch_state)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of the dataset per (seed, epoch), split between processes.
+
+    Every process gets the same number of items (the shortest shards repeat a few indices), so
+    all processes run the same number of steps and none waits forever in a collective."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip`` items of this process's shard are left out (resuming in the middle of an epoch)."""
+        self.epoch, self.skip = epoch, skip
+
+    def shard(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        world, rank = distributed.world_size(), distributed.rank()
+        per_process = math.ceil(self.size / world)
+        order = (order * math.ceil(per_process * world / max(self.size, 1)))[:per_process * world]
+        return order[rank::world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard()[self.skip:])
+
+    def __len__(self) -> int:
+        return max(math.ceil(self.size / distributed.world_size()) - self.skip, 0)
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=num_workers, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0))  # keeps worker seeding off the global RNG
+
+
+# ---------------------------------------------------------------- optimisation
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the backbone at its own (lower) learning rate; frozen parameters left out."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, epoch: int, global_step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then a 10x drop at epoch ``lr_drop``."""
+    warmup = min(1.0, (global_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warmup * (0.1 if epoch >= cfg.lr_drop else 1.0)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision where the hardware supports it: bf16 where available, else fp16 (CUDA)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def to_device(images: torch.Tensor, mask: torch.Tensor, targets: list[dict], device: torch.device):
+    return images.to(device), mask.to(device), [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def compute_losses(criterion: nn.Module, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+    """The criterion's losses, or a clear stop before a non-finite loss reaches the weights.
+
+    The stop is agreed between processes: one that stopped alone would leave the others waiting
+    forever in their next all-reduce."""
+    error = None
+    try:
+        losses = criterion(outputs, targets)
+        flag = (~torch.isfinite(losses["loss"])).float().reshape(1)
+    except TrainingError as e:  # e.g. an image with more objects than queries
+        error, flag = e, torch.ones(1, device=outputs["pred_boxes"].device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(flag)
+    if flag.item():
+        if error is not None:
+            raise error
+        ids = [int(t["image_id"]) for t in targets]
+        bad = nonfinite_terms(losses)
+        where = f"{', '.join(bad)} for images {ids}" if bad else "on another process"
+        raise TrainingError(f"non-finite loss ({where}); the step was not applied and the "
+                            "weights are unchanged. Lower train.lr or check these images' boxes.")
+    return losses
+
+
+# ---------------------------------------------------------------- training
+
+class Run:
+    """A training run in ``run_dir``: model, optimiser, loop state, and where it logs."""
+
+    def __init__(self, cfg: Config, categories: CategoryMap, run_dir: str | Path, device: torch.device):
+        self.cfg, self.categories, self.run_dir, self.device = cfg, categories, Path(run_dir), device
+        cfg.model.num_classes = len(categories)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg).to(device)
+        self.criterion = build_criterion(cfg)
+        self.postprocess = build_postprocess(cfg)
+        self.optimizer = make_optimizer(self.model, cfg.train)
+        self.epoch, self.step_in_epoch, self.global_step, self.elapsed = 0, 0, 0, 0.0
+
+    def save(self) -> Path:
+        opt_tensors, opt_structure = checkpoint.optimizer_to_tensors(self.optimizer)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "elapsed": self.elapsed, "optimizer": opt_structure, "rng_python": _jsonable(random.getstate()),
+                 "rng_numpy": _jsonable(np.random.get_state())}
+        path = checkpoint.checkpoint_dir(self.run_dir, self.global_step)
+        checkpoint.save_model(path, self.model, self.cfg.to_dict(), self.categories.to_dict(),
+                              extra={checkpoint.OPTIMIZER_FILE: opt_tensors, checkpoint.STATE_FILE: state})
+        checkpoint.publish_latest(self.run_dir, path)
+        return path
+
+    def restore(self, path: str | Path) -> None:
+        ckpt = checkpoint.latest_checkpoint(path)
+        checkpoint.load_state_dict_strict(self.model, checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE), str(ckpt))
+        state = json.loads((ckpt / checkpoint.STATE_FILE).read_text())
+        tensors = checkpoint.read_tensors(ckpt / checkpoint.OPTIMIZER_FILE)
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        self.optimizer.load_state_dict(checkpoint.optimizer_from_tensors(tensors, state["optimizer"]))
+        random.setstate(_tuples(state["rng_python"]))
+        np.random.set_state(tuple(np.array(x, dtype=np.uint32) if isinstance(x, list) else x
+                                  for x in state["rng_numpy"]))
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.elapsed = state["global_step"], state["elapsed"]
+
+    def log(self, record: dict) -> None:
+        if distributed.is_main():
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def train(self, train_set: CocoDetection, val_set: CocoDetection | None, log_every: int = 20,
+              stop_at_step: int | None = None, echo: Callable[[str], None] = print) -> dict[str, float]:
+        """Train until ``cfg.train.epochs`` or the time limit; return the last evaluation's stats.
+
+        ``stop_at_step`` stops after that global step as if the run had been interrupted
+        (checkpoint written, no final evaluation): resumption is tested with it."""
+        tcfg = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        items = SeededItems(train_set, tcfg.seed)
+        sampler = EpochSampler(len(train_set), tcfg.seed)
+        model = self.model
+        if distributed.is_distributed():
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        scaler = torch.amp.GradScaler(enabled=tcfg.amp and self.device.type == "cuda"
+                                      and not torch.cuda.is_bf16_supported())
+        stats: dict[str, float] = {}
+        out_of_time = False
+        start = time.monotonic() - self.elapsed
+        while self.epoch < tcfg.epochs:
+            items.epoch = self.epoch
+            sampler.set_epoch(self.epoch, skip=self.step_in_epoch * tcfg.batch_size)
+            loader = make_loader(items, tcfg.batch_size, sampler, self.cfg.data.num_workers)
+            model.train()
+            self.criterion.train()
+            sums: dict[str, float] = {}
+            bar = tqdm(loader, desc=f"epoch {self.epoch}", disable=not distributed.is_main(),
+                       leave=False, dynamic_ncols=True)
+            for images, mask, targets in bar:
+                images, mask, targets = to_device(images, mask, targets, self.device)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_factor(tcfg, self.epoch, self.global_step)
+                with autocast(self.device, tcfg.amp):
+                    outputs = model(images, mask)
+                losses = compute_losses(self.criterion, outputs, targets)  # float32 whatever the autocast
+                self.optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                if tcfg.clip_max_norm > 0:
+                    scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.clip_max_norm)
+                scaler.step(self.optimizer)
+                scaler.update()
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self.elapsed = time.monotonic() - start
+                for k in ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"):
+                    if k in losses:
+                        sums[k] = sums.get(k, 0.0) + losses[k].item()
+                sums["n"] = sums.get("n", 0) + 1
+                bar.set_postfix(loss=f"{float(losses['loss']):.3f}")
+                if self.global_step % log_every == 0:
+                    n = sums.pop("n")
+                    record = distributed.mean_over_processes({k: v / n for k, v in sums.items()})
+                    self.log({"step": self.global_step, "epoch": self.epoch, "time": round(self.elapsed, 2),
+                              "lr": self.optimizer.param_groups[0]["lr"], **record})
+                    sums = {}
+                out_of_time = tcfg.time_limit and self.elapsed >= tcfg.time_limit
+                if out_of_time or self.global_step == stop_at_step:
+                    break
+            else:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            bar.close()
+            if distributed.is_main():
+                self.save()
+            distributed.barrier()
+            if self.global_step == stop_at_step:
+                return stats
+            last = self.epoch >= tcfg.epochs or out_of_time
+            if val_set is not None and (last or (tcfg.eval_every and self.epoch % tcfg.eval_every == 0
+                                                 and self.step_in_epoch == 0)):
+                stats = evaluate(self.model, self.postprocess, val_set, self.categories, self.device,
+                                 tcfg.batch_size, tcfg.amp)
+                self.log({"step": self.global_step, "epoch": self.epoch, "time": round(self.elapsed, 2),
+                          "eval": stats})
+                echo(f"epoch {self.epoch} step {self.global_step} ({self.elapsed:.0f}s): "
+                     f"AP {stats['AP']:.3f} AP50 {stats['AP50']:.3f}")
+            if out_of_time:
+                break
+        return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, postprocess: Callable, dataset: CocoDetection, categories: CategoryMap,
+             device: torch.device, batch_size: int = 2, amp: bool = False) -> dict[str, float]:
+    """COCO metrics of ``model`` on ``dataset`` (every process evaluates its share; results are gathered)."""
+    model.eval()
+    indices = list(range(distributed.rank(), len(dataset), distributed.world_size()))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate)
+    evaluator = CocoEvaluator(dataset.gt)
+    for images, mask, targets in loader:
+        images, mask, targets = to_device(images, mask, targets, device)
+        with autocast(device, amp):
+            outputs = model(images, mask)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        detections = postprocess(outputs, orig_sizes)
+        evaluator.update(to_coco_results(detections, [int(t["image_id"]) for t in targets], categories.to_id))
+    return evaluator.summarize()
+
+
+def _jsonable(obj):
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _tuples(obj):
+    return tuple(_tuples(x) for x in obj) if isinstance(obj, list) else obj
