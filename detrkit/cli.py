@@ -50,7 +50,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
-    from detrkit import config, distributed
+    from detrkit import config, distributed, presets
     from detrkit.checkpoint import latest_checkpoint, read_config
     from detrkit.data.coco import CocoDetection
     from detrkit.data.transforms import make_transforms
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         cfg = config.from_dict(read_config(latest_checkpoint(out))["config"])
     else:
-        cfg = config.preset(args.preset)
+        cfg = presets.preset(args.preset)
         if args.config:
             cfg = config.load_yaml(args.config, cfg)
     config.apply_overrides(cfg, args.set or [])
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="train a detector")
-    p.add_argument("--preset", default="detr_small", help="named preset (see detrkit.config.PRESETS)")
+    p.add_argument("--preset", default="detr_small", help="named preset (see detrkit.presets)")
     p.add_argument("--config", help="YAML config applied on top of the preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
     _add_dataset_args(p, split_default="train")

@@ -1,7 +1,7 @@
-"""Configuration: plain dataclasses, named presets, YAML files and ``key=value`` overrides.
+"""Configuration: plain dataclasses, YAML files and ``key=value`` overrides.
 
-A run is described by one :class:`Config`. Presets are functions returning a ``Config``;
-YAML files and ``--set section.field=value`` overrides are applied on top of a preset and
+A run is described by one :class:`Config`. Presets (``detrkit.presets``) are functions returning
+a ``Config``; YAML files and ``--set section.field=value`` overrides are applied on top of a preset and
 are checked against the dataclass fields, so a typo is an error, not a silently ignored key.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -115,70 +115,6 @@ class ConfigError(DetrkitError):
     """A configuration file or override does not fit the dataclasses."""
 
 
-# ---------------------------------------------------------------- presets
-
-def detr_r50() -> Config:
-    """The DETR paper's main model: ResNet-50, 6+6 layers, 100 queries, 500-epoch schedule."""
-    cfg = Config()
-    cfg.train.epochs, cfg.train.lr_drop = 500, 400
-    return cfg
-
-
-def detr_r101() -> Config:
-    cfg = detr_r50()
-    cfg.model.backbone.name = "resnet101"
-    return cfg
-
-
-def detr_r50_dc5() -> Config:
-    cfg = detr_r50()
-    cfg.model.backbone.dilation = True
-    return cfg
-
-
-def detr_r101_dc5() -> Config:
-    cfg = detr_r101()
-    cfg.model.backbone.dilation = True
-    return cfg
-
-
-def _small_data(cfg: Config) -> None:
-    cfg.data.train_scales = [224, 240, 256, 272, 288]
-    cfg.data.val_scale = 256
-    cfg.data.max_size = 384
-    cfg.data.crop_scales = [160, 200, 240]
-    cfg.data.crop_size = [128, 240]
-
-
-def detr_small() -> Config:
-    """A DETR that trains in minutes on a laptop CPU: ResNet-18, d_model 128, 3+3 layers."""
-    cfg = Config()
-    cfg.model.backbone.name = "resnet18"
-    cfg.model.num_queries = 30
-    cfg.model.transformer = TransformerConfig(d_model=128, nheads=8, num_encoder_layers=3,
-                                              num_decoder_layers=3, dim_feedforward=512, dropout=0.0)
-    _small_data(cfg)
-    cfg.train.batch_size = 8
-    cfg.train.lr, cfg.train.lr_backbone = 2e-4, 2e-4
-    cfg.train.epochs, cfg.train.lr_drop = 60, 45
-    return cfg
-
-
-PRESETS: dict[str, Callable[[], Config]] = {
-    "detr_r50": detr_r50,
-    "detr_r101": detr_r101,
-    "detr_r50_dc5": detr_r50_dc5,
-    "detr_r101_dc5": detr_r101_dc5,
-    "detr_small": detr_small,
-}
-
-
-def preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
-
-
 # ---------------------------------------------------------------- dict / YAML / overrides
 
 def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
@@ -245,6 +181,7 @@ def load_yaml(path: str | Path, base: Config | None = None) -> Config:
         raise ConfigError(f"{path}: a config file must be a mapping of sections")
     cfg = base or Config()
     if "preset" in values:
+        from detrkit.presets import preset
         cfg = preset(values.pop("preset"))
     return update(cfg, values, str(path))
 
