@@ -87,6 +87,7 @@ class DataConfig:
 class TrainConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5
+    lr_linear_proj_mult: float = 0.1  # Deformable DETR: sampling offsets and reference points learn slower
     weight_decay: float = 1e-4
     batch_size: int = 2
     epochs: int = 300

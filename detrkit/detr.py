@@ -56,8 +56,13 @@ class DETR(nn.Module):
 
     def predict_layers(self, hs: Tensor) -> dict:
         """hs: (num_layers, B, N, d) decoder outputs -> the output dict described in ``forward``."""
-        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+        return set_outputs(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
+
+
+def set_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool) -> dict:
+    """logits: (num_layers, B, N, C); boxes: (num_layers, B, N, 4) -> the last layer's predictions,
+    and the earlier layers' as ``aux_outputs`` for the auxiliary losses."""
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux_loss:
+        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+    return out

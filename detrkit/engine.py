@@ -95,16 +95,25 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers
 
 # ---------------------------------------------------------------- optimisation
 
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the backbone at its own (lower) learning rate; frozen parameters left out."""
-    backbone, rest = [], []
+    """AdamW with the backbone at its own (lower) learning rate, Deformable DETR's sampling offsets
+    and reference-point projection at ``lr * lr_linear_proj_mult``; frozen parameters left out."""
+    groups: dict[float, list] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            lr = cfg.lr_backbone
+        elif any(key in name for key in LINEAR_PROJ_NAMES):
+            lr = cfg.lr * cfg.lr_linear_proj_mult
+        else:
+            lr = cfg.lr
+        groups.setdefault(lr, []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for lr, ps in groups.items()],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: TrainConfig, epoch: int, global_step: int) -> float:
