@@ -12,6 +12,7 @@ from detrkit.deformable_transformer import DeformableTransformer
 from detrkit.detr import DETR
 from detrkit.matcher import HungarianMatcher
 from detrkit.position_encoding import build_position_encoding
+from detrkit.recollection import MODES
 from detrkit.postprocess import PostProcess, PostProcessTopK
 from detrkit.transformer import Transformer
 
@@ -27,16 +28,22 @@ def build_model(cfg: Config) -> nn.Module:
     m = cfg.model
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch: unknown architecture {m.arch!r}; choose one of {', '.join(ARCHS)}")
+    if m.recollection not in MODES:
+        raise ConfigError(f"model.recollection: unknown mode {m.recollection!r}; choose one of {', '.join(MODES)}")
     num_class_outputs = m.num_classes if uses_focal_loss(cfg) else m.num_classes + 1
     d_model = m.transformer.d_model
     if m.arch == "detr":
         backbone = Backbone(m.backbone, return_layers=("layer4",))
         position_encoding = build_position_encoding(m.position_embedding, d_model)
-        return DETR(backbone, position_encoding, Transformer(m.transformer), num_class_outputs,
+        return DETR(backbone, position_encoding, Transformer(m.transformer, m.recollection), num_class_outputs,
                     m.num_queries, aux_loss=m.aux_loss)
     if m.two_stage and not m.with_box_refine:
         raise ConfigError("model.two_stage needs model.with_box_refine (the encoder's proposals are "
                           "refined by the decoder's per-layer heads)")
+    if m.recollection != "none" and m.with_box_refine and not m.two_stage:
+        # recollected initial queries carry 2-d reference points, refined groups carry boxes
+        raise ConfigError("model.recollection with with_box_refine needs two_stage (reference boxes from "
+                          "the start); use recollection without refinement, or the two-stage variant")
     if d_model % 32:
         raise ConfigError(f"model.transformer.d_model: {d_model} must be a multiple of 32 (GroupNorm(32) projections)")
     # C3-C5 (strides 8, 16, 32); the levels beyond them are stride-2 convs on C5

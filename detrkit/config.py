@@ -43,6 +43,7 @@ class ModelConfig:
     num_queries: int = 100
     position_embedding: str = "sine"  # sine | learned
     aux_loss: bool = True
+    recollection: str = "none"  # query recollection in training: none | sqr | dqr (detrkit.recollection)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     # Deformable DETR only
@@ -118,23 +119,29 @@ class ConfigError(DetrkitError):
 
 # ---------------------------------------------------------------- dict / YAML / overrides
 
-def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
+def _set_field(obj: Any, key: str, value: Any, where: str, path: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    name = f"{path}{key}"
     if key not in fields:
-        raise ConfigError(f"{where}: unknown field {key!r}; known: {', '.join(fields)}")
+        raise ConfigError(f"{where}: unknown field {name!r}; known in this section: {', '.join(fields)}")
     current = getattr(obj, key)
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key!r} is a section and needs a mapping, got {value!r}")
-        update(current, value, f"{where}.{key}")
+            raise ConfigError(f"{where}: {name!r} is a section and needs a mapping, got {value!r}")
+        update(current, value, where, f"{name}.")
     else:
-        setattr(obj, key, _coerce(value, current, f"{where}.{key}"))
+        setattr(obj, key, _coerce(value, current, f"{where}: {name}"))
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:
     """Convert ``value`` to the type of the field's current value (strings come from the CLI)."""
     if isinstance(value, str) and not isinstance(current, str):
         value = yaml.safe_load(value)
+        if isinstance(value, str) and isinstance(current, float):
+            try:  # YAML 1.1 reads "5e-4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
     if current is None or value is None:
         return value
     if isinstance(current, bool):
@@ -156,10 +163,11 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
     return value
 
 
-def update(obj: Any, values: dict[str, Any], where: str = "config") -> Any:
-    """Apply a nested mapping onto a config dataclass in place; unknown keys are errors."""
+def update(obj: Any, values: dict[str, Any], where: str = "config", path: str = "") -> Any:
+    """Apply a nested mapping onto a config dataclass in place; unknown keys are errors.
+    ``where`` names the source (a file, ``--set``) and ``path`` the section, in messages."""
     for key, value in values.items():
-        _set_field(obj, key, value, where)
+        _set_field(obj, key, value, where, path)
     return obj
 
 
@@ -200,5 +208,5 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             tip[part] = {}
             tip = tip[part]
         tip[last] = value
-        update(cfg, node, f"--set {key}")
+        update(cfg, node, "--set")
     return cfg

@@ -77,15 +77,12 @@ class DeformableDETR(nn.Module):
         enc = self.transformer.encode(srcs, masks, pos)
         tgt, query_pos, reference, enc_outputs = self.transformer.queries(
             enc, None if self.two_stage else self.query_embed.weight)
-        hs, references = self.transformer.decoder(tgt, reference, query_pos, enc["memory"], enc["spatial_shapes"],
-                                                  enc["level_start_index"], enc["ratios"], enc["mask"])
-        out = self.predict_layers(hs, references)
+        hs, references, num_groups = self.transformer.decoder(
+            tgt, reference, query_pos, enc["memory"], enc["spatial_shapes"], enc["level_start_index"],
+            enc["ratios"], enc["mask"])
+        logits = [self.class_embed[i](h) for i, h in enumerate(hs)]
+        boxes = [refine_boxes(self.bbox_embed[i](h), r) for i, (h, r) in enumerate(zip(hs, references))]
+        out = set_outputs(logits, boxes, num_groups, self.aux_loss)
         if enc_outputs is not None:
             out["enc_outputs"] = enc_outputs
         return out
-
-    def predict_layers(self, hs: Tensor, references: list[Tensor]) -> dict:
-        """hs: (num_layers, B, N, d); references: per layer (B, N, 2 or 4), what that layer started from."""
-        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
-        boxes = torch.stack([refine_boxes(self.bbox_embed[i](h), r) for i, (h, r) in enumerate(zip(hs, references))])
-        return set_outputs(logits, boxes, self.aux_loss)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from detrkit.config import ModelConfig
 from detrkit.deformable_attention import MSDeformAttn
+from detrkit.recollection import State, run_stages
 from detrkit.transformer import MultiheadAttention, grouped_self_attention, with_pos
 
 
@@ -124,10 +125,11 @@ class DeformableTransformerDecoder(nn.Module):
     """Decoder layers; with iterative refinement (``bbox_embed`` set by the model) each layer moves
     the reference points to the boxes predicted by the previous one."""
 
-    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int):
+    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, recollection: str = "none"):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.num_layers = num_layers
+        self.recollection = recollection  # used in training only
         self.bbox_embed: nn.ModuleList | None = None  # per-layer box heads when refining
         self.class_embed: nn.ModuleList | None = None  # two-stage: the encoder head is class_embed[-1]
 
@@ -146,16 +148,17 @@ class DeformableTransformerDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, reference_points: Tensor, query_pos: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, ratios: Tensor,
-                memory_mask: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Returns every layer's output (num_layers, B, N, d) and the reference points every layer
-        started from, (B, N, 2) or (B, N, 4) each (with refinement, the first is 2-d and the rest boxes)."""
-        hs, references = [], []
-        for i in range(self.num_layers):
-            references.append(reference_points)
-            tgt, reference_points = self.stage(i, tgt, reference_points, query_pos, memory, spatial_shapes,
-                                               level_start_index, ratios, memory_mask)
-            hs.append(tgt)
-        return torch.stack(hs), references
+                memory_mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """tgt, query_pos: (B, N, d); reference_points: (B, N, 2 or 4). Per stage i, returns its output
+        (B, G_i*N, d) for its G_i query groups (1 at inference), the reference points it started from
+        (B, G_i*N, 2 or 4; with refinement the first stage's are 2-d and later ones boxes), and G_i."""
+        def stage(i: int, state: State, num_groups: int) -> State:
+            return self.stage(i, *state, query_pos.repeat(1, num_groups, 1), memory, spatial_shapes,
+                              level_start_index, ratios, memory_mask, num_groups)
+
+        mode = self.recollection if self.training else "none"
+        stages = run_stages(stage, (tgt, reference_points), self.num_layers, mode)
+        return [s.outputs[0] for s in stages], [s.inputs[1] for s in stages], [s.num_groups for s in stages]
 
 
 def proposal_pos_embed(boxes: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:
@@ -177,7 +180,7 @@ class DeformableTransformer(nn.Module):
         enc_layer = DeformableTransformerEncoderLayer(d, t.dim_feedforward, t.dropout, L, t.nheads, cfg.enc_n_points)
         self.encoder = DeformableTransformerEncoder(enc_layer, t.num_encoder_layers)
         dec_layer = DeformableTransformerDecoderLayer(d, t.dim_feedforward, t.dropout, L, t.nheads, cfg.dec_n_points)
-        self.decoder = DeformableTransformerDecoder(dec_layer, t.num_decoder_layers)
+        self.decoder = DeformableTransformerDecoder(dec_layer, t.num_decoder_layers, cfg.recollection)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         if self.two_stage:
             self.enc_output = nn.Linear(d, d)

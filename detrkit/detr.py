@@ -51,18 +51,21 @@ class DETR(nn.Module):
         [0, 1], and ``aux_outputs``: the same for every earlier decoder layer."""
         feature, feature_mask = self.backbone(images, mask)[-1]
         pos = self.position_encoding(feature_mask).to(feature.dtype)
-        hs, _ = self.transformer(self.input_proj(feature), feature_mask, self.query_embed.weight, pos)
-        return self.predict_layers(hs)
-
-    def predict_layers(self, hs: Tensor) -> dict:
-        """hs: (num_layers, B, N, d) decoder outputs -> the output dict described in ``forward``."""
-        return set_outputs(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
+        hs, num_groups, _ = self.transformer(self.input_proj(feature), feature_mask, self.query_embed.weight, pos)
+        return set_outputs([self.class_embed(h) for h in hs], [self.bbox_embed(h).sigmoid() for h in hs],
+                           num_groups, self.aux_loss)
 
 
-def set_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool) -> dict:
-    """logits: (num_layers, B, N, C); boxes: (num_layers, B, N, 4) -> the last layer's predictions,
-    and the earlier layers' as ``aux_outputs`` for the auxiliary losses."""
-    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+def set_outputs(logits: list[Tensor], boxes: list[Tensor], num_groups: list[int], aux_loss: bool) -> dict:
+    """Per decoder stage i: logits (B, G_i*N, C) and boxes (B, G_i*N, 4) for its G_i query groups.
+
+    Returns the last stage's group 0 (the baseline path) as the predictions and, for the auxiliary
+    losses, every other (stage, group) in stage order as ``aux_outputs``: one per earlier stage
+    at inference, where every stage has one group."""
+    outputs = [{"pred_logits": lg, "pred_boxes": bx}
+               for stage_logits, stage_boxes, g in zip(logits, boxes, num_groups)
+               for lg, bx in zip(stage_logits.chunk(g, dim=1), stage_boxes.chunk(g, dim=1))]
+    out = outputs.pop(len(outputs) - num_groups[-1])
     if aux_loss:
-        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        out["aux_outputs"] = outputs
     return out

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.config import TransformerConfig
+from detrkit.recollection import State, run_stages
 
 
 class MultiheadAttention(nn.Module):
@@ -128,43 +129,49 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, recollection: str = "none"):
         super().__init__()
         self.layers = _clones(TransformerDecoderLayer(cfg), cfg.num_decoder_layers)
         self.norm = nn.LayerNorm(cfg.d_model)
+        self.recollection = recollection  # used in training only
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_mask: Tensor | None,
-                pos: Tensor | None) -> Tensor:
-        """Returns (num_layers, B, N, d): every layer's output after the shared final norm."""
-        hs = []
-        for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, memory_mask, pos)
-            hs.append(self.norm(tgt))
-        return torch.stack(hs)
+                pos: Tensor | None) -> tuple[list[Tensor], list[int]]:
+        """tgt, query_pos: (B, N, d). Returns every stage's output after the shared final norm,
+        (B, G_i*N, d) for the G_i query groups of stage i (1 at inference), and the G_i."""
+        def stage(i: int, state: State, num_groups: int) -> State:
+            return (self.layers[i](state[0], query_pos.repeat(1, num_groups, 1), memory, memory_mask,
+                                   pos, num_groups),)
+
+        mode = self.recollection if self.training else "none"
+        stages = run_stages(stage, (tgt,), len(self.layers), mode)
+        return [self.norm(s.outputs[0]) for s in stages], [s.num_groups for s in stages]
 
 
 class Transformer(nn.Module):
     """Encoder over the flattened feature map, decoder over the object queries."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, recollection: str = "none"):
         super().__init__()
         self.d_model = cfg.d_model
         self.encoder = TransformerEncoder(cfg)
-        self.decoder = TransformerDecoder(cfg)
+        self.decoder = TransformerDecoder(cfg, recollection)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor,
+                pos: Tensor) -> tuple[list[Tensor], list[int], Tensor]:
         """src, pos: (B, d, H, W); mask: (B, H, W), True = padding; query_embed: (N, d).
 
-        Returns hs (num_decoder_layers, B, N, d) and memory (B, H*W, d)."""
+        Returns the decoder stages' outputs and group counts (see ``TransformerDecoder``) and the
+        encoder memory (B, H*W, d)."""
         src, pos = src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2)
         mask = mask.flatten(1)
         memory = self.encoder(src, mask, pos)
         query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, query_pos, memory, mask, pos), memory
+        return *self.decoder(tgt, query_pos, memory, mask, pos), memory
 
 
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:

@@ -1,0 +1,140 @@
+"""Query recollection: group counts, group isolation, supervision, and unchanged inference."""
+import pytest
+import torch
+
+from detrkit import presets
+from detrkit.build import build_criterion, build_model
+from detrkit.config import ConfigError, TransformerConfig
+from detrkit.deformable_transformer import DeformableTransformerDecoderLayer
+from detrkit.recollection import group_counts, run_stages, sources
+from detrkit.transformer import TransformerDecoderLayer
+
+
+def test_group_counts_of_the_paper():
+    assert group_counts(6, "dqr") == [1, 2, 4, 8, 16, 32]
+    assert group_counts(6, "sqr") == [1, 2, 3, 5, 8, 13]
+    assert group_counts(6, "none") == [1] * 6
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 9])
+def test_group_counts_follow_the_rule_at_any_depth(depth):
+    # independent recurrences: DQR doubles, SQR is Fibonacci (1, 2, 3, 5, ...)
+    dqr = [2 ** i for i in range(depth)]
+    fib = [1, 2]
+    while len(fib) < depth:
+        fib.append(fib[-1] + fib[-2])
+    assert group_counts(depth, "dqr") == dqr
+    assert group_counts(depth, "sqr") == fib[:depth]
+
+
+def test_sources_newest_first_so_group_zero_is_the_baseline_path():
+    assert sources(4, "sqr") == [3, 2]
+    assert sources(4, "dqr") == [3, 2, 1, 0]
+    assert sources(1, "sqr") == [0]
+    with pytest.raises(ValueError, match="model.recollection"):
+        sources(1, "xqr")
+
+
+def test_run_stages_feeds_each_stage_the_recollected_groups():
+    seen = []
+
+    def stage(i, state, g):
+        seen.append((i, state[0].shape[1], g))
+        return (state[0] + 1,)  # each stage adds one, so a group's value says how many stages it passed
+
+    stages = run_stages(stage, (torch.zeros(1, 2, 1),), 4, "sqr")
+    assert [g for _, _, g in seen] == [1, 2, 3, 5] and [n for _, n, _ in seen] == [2, 4, 6, 10]
+    # stage 3 sees stage 2's two groups (depths 2, 1) then stage 1's one group (depth 1)
+    depths = stages[2].inputs[0][0, ::2, 0].tolist()
+    assert depths == [2, 1, 1]
+
+
+def _perturb_one_group(layer_fn, num_groups=3, n=5, d=32):
+    torch.manual_seed(0)
+    tgt = torch.randn(2, num_groups * n, d)
+    out = layer_fn(tgt, num_groups)
+    changed = tgt.clone()
+    changed[:, n:2 * n] += torch.randn(2, n, d)  # group 1 only
+    out2 = layer_fn(changed, num_groups)
+    for g in range(num_groups):
+        same = torch.allclose(out[:, g * n:(g + 1) * n], out2[:, g * n:(g + 1) * n], atol=1e-6)
+        assert same == (g != 1), f"group {g}"
+
+
+def test_groups_do_not_attend_to_each_other_detr():
+    layer = TransformerDecoderLayer(TransformerConfig(d_model=32, nheads=4, dim_feedforward=64, dropout=0.0)).eval()
+    memory, pos = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
+    query_pos = torch.randn(2, 5, 32)
+    _perturb_one_group(lambda t, g: layer(t, query_pos.repeat(1, g, 1), memory, None, pos, g))
+
+
+def test_groups_do_not_attend_to_each_other_deformable():
+    layer = DeformableTransformerDecoderLayer(32, 64, 0.0, n_levels=2, n_heads=4, n_points=2).eval()
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    starts = torch.tensor([0, 16])
+    memory = torch.randn(2, 20, 32)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    query_pos = torch.randn(2, 5, 32)
+    ref = torch.rand(2, 5, 2, 2)
+    _perturb_one_group(lambda t, g: layer(t, query_pos.repeat(1, g, 1), ref.repeat(1, g, 1, 1), memory,
+                                          shapes, starts, mask, g))
+
+
+def _tiny(preset_name: str, recollection: str):
+    cfg = presets.preset(preset_name)
+    cfg.model.num_classes = 3
+    cfg.model.recollection = recollection
+    cfg.model.num_queries = 6
+    cfg.model.transformer = TransformerConfig(d_model=64, nheads=4, num_encoder_layers=1,
+                                              num_decoder_layers=4, dim_feedforward=64, dropout=0.0)
+    return cfg
+
+
+def _batch():
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 80)
+    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[1, :, 64:] = True
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .6, .3, .4]]),
+                "image_id": torch.tensor(1)},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[.5, .5, .2, .2]]), "image_id": torch.tensor(2)}]
+    return images, mask, targets
+
+
+@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small", "deformable_detr_small_two_stage"])
+@pytest.mark.parametrize("mode", ["sqr", "dqr"])
+def test_every_group_is_matched_and_supervised_on_its_own(preset_name, mode):
+    cfg = _tiny(preset_name, mode)
+    torch.manual_seed(0)
+    model, criterion = build_model(cfg).train(), build_criterion(cfg)
+    images, mask, targets = _batch()
+    out = model(images, mask)
+    expected_groups = sum(group_counts(4, mode))
+    assert 1 + len(out["aux_outputs"]) == expected_groups
+    calls = []
+    match = criterion.matcher.forward
+    criterion.matcher.forward = lambda o, t: calls.append(1) or match(o, t)
+    losses = criterion(out, targets)
+    encoder = 1 if "enc_outputs" in out else 0  # two-stage: the encoder's proposals are matched too
+    assert len(calls) == expected_groups + encoder
+    assert sum(k.startswith("loss_giou") for k in losses) == expected_groups + encoder
+    losses["loss"].backward()
+
+
+def test_one_stage_refinement_cannot_recollect_the_initial_points():
+    with pytest.raises(ConfigError, match="model.recollection"):
+        build_model(_tiny("deformable_detr_small_refine", "sqr"))
+
+
+@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_two_stage"])
+def test_inference_of_a_recollection_model_is_the_baseline(preset_name):
+    torch.manual_seed(0)
+    sqr = build_model(_tiny(preset_name, "sqr")).eval()
+    base = build_model(_tiny(preset_name, "none")).eval()
+    base.load_state_dict(sqr.state_dict())  # same parameters: recollection adds none
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        a, b = sqr(images, mask), base(images, mask)
+    assert a["pred_logits"].shape == (2, 6, a["pred_logits"].shape[-1]) and len(a["aux_outputs"]) == 3
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
