@@ -35,7 +35,8 @@ def build_model(cfg: Config) -> nn.Module:
     if m.arch == "detr":
         backbone = Backbone(m.backbone, return_layers=("layer4",))
         position_encoding = build_position_encoding(m.position_embedding, d_model)
-        return DETR(backbone, position_encoding, Transformer(m.transformer, m.recollection), num_class_outputs,
+        return DETR(backbone, position_encoding, Transformer(m.transformer, m.recollection, m.recurrent_steps),
+                    num_class_outputs,
                     m.num_queries, aux_loss=m.aux_loss)
     if m.two_stage and not m.with_box_refine:
         raise ConfigError("model.two_stage needs model.with_box_refine (the encoder's proposals are "

@@ -43,7 +43,8 @@ class ModelConfig:
     num_queries: int = 100
     position_embedding: str = "sine"  # sine | learned
     aux_loss: bool = True
-    recollection: str = "none"  # query recollection in training: none | sqr | dqr (detrkit.recollection)
+    recollection: str = "none"  # query recollection in training: none | sqr | dqr | recurrent (detrkit.recollection)
+    recurrent_steps: int = 0  # > 0: a single-stage recurrent model, its decoder layer run this many times
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     # Deformable DETR only

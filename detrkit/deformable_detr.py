@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from detrkit.backbone import Backbone
 from detrkit.deformable_transformer import DeformableTransformer, refine_boxes
 from detrkit.detr import MLP, set_outputs
+from detrkit.recollection import layer_index
 
 
 class DeformableDETR(nn.Module):
@@ -80,8 +81,9 @@ class DeformableDETR(nn.Module):
         hs, references, num_groups = self.transformer.decoder(
             tgt, reference, query_pos, enc["memory"], enc["spatial_shapes"], enc["level_start_index"],
             enc["ratios"], enc["mask"])
-        logits = [self.class_embed[i](h) for i, h in enumerate(hs)]
-        boxes = [refine_boxes(self.bbox_embed[i](h), r) for i, (h, r) in enumerate(zip(hs, references))]
+        heads = [layer_index(i, self.transformer.decoder.num_layers) for i in range(len(hs))]
+        logits = [self.class_embed[k](h) for k, h in zip(heads, hs)]
+        boxes = [refine_boxes(self.bbox_embed[k](h), r) for k, h, r in zip(heads, hs, references)]
         out = set_outputs(logits, boxes, num_groups, self.aux_loss)
         if enc_outputs is not None:
             out["enc_outputs"] = enc_outputs

@@ -125,11 +125,13 @@ class DeformableTransformerDecoder(nn.Module):
     """Decoder layers; with iterative refinement (``bbox_embed`` set by the model) each layer moves
     the reference points to the boxes predicted by the previous one."""
 
-    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, recollection: str = "none"):
+    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, recollection: str = "none",
+                 recurrent_steps: int = 0):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.num_layers = num_layers
         self.recollection = recollection  # used in training only
+        self.recurrent_steps = recurrent_steps  # > 0: a single-stage model looped this many times
         self.bbox_embed: nn.ModuleList | None = None  # per-layer box heads when refining
         self.class_embed: nn.ModuleList | None = None  # two-stage: the encoder head is class_embed[-1]
 
@@ -157,7 +159,7 @@ class DeformableTransformerDecoder(nn.Module):
                               level_start_index, ratios, memory_mask, num_groups)
 
         mode = self.recollection if self.training else "none"
-        stages = run_stages(stage, (tgt, reference_points), self.num_layers, mode)
+        stages = run_stages(stage, (tgt, reference_points), self.num_layers, mode, self.recurrent_steps)
         return [s.outputs[0] for s in stages], [s.inputs[1] for s in stages], [s.num_groups for s in stages]
 
 
@@ -180,7 +182,8 @@ class DeformableTransformer(nn.Module):
         enc_layer = DeformableTransformerEncoderLayer(d, t.dim_feedforward, t.dropout, L, t.nheads, cfg.enc_n_points)
         self.encoder = DeformableTransformerEncoder(enc_layer, t.num_encoder_layers)
         dec_layer = DeformableTransformerDecoderLayer(d, t.dim_feedforward, t.dropout, L, t.nheads, cfg.dec_n_points)
-        self.decoder = DeformableTransformerDecoder(dec_layer, t.num_decoder_layers, cfg.recollection)
+        self.decoder = DeformableTransformerDecoder(dec_layer, t.num_decoder_layers, cfg.recollection,
+                                                    cfg.recurrent_steps)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         if self.two_stage:
             self.enc_output = nn.Linear(d, d)

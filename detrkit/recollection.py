@@ -8,7 +8,10 @@ own. Which earlier outputs a stage receives is the one rule below (:func:`source
 
 - ``none``: the previous stage only (the baseline): 1, 1, 1, 1, 1, 1 groups;
 - ``sqr`` (selective): the previous two stages: 1, 2, 3, 5, 8, 13 groups;
-- ``dqr`` (dense): every earlier stage: 1, 2, 4, 8, 16, 32 groups.
+- ``dqr`` (dense): every earlier stage: 1, 2, 4, 8, 16, 32 groups;
+- ``recurrent``: DQR, plus one more pass of the last stage over its own outputs (32 more groups).
+  The last stage thereby learns to refine queries from any depth, its own included, so at
+  inference it alone can be looped: :func:`to_recurrent` keeps that one stage, run T times.
 
 Output 0 is the decoder's initial queries. Groups are laid side by side along the query axis,
 (B, G*N, ...), newest first, so group 0 of every stage follows the baseline path; inference
@@ -21,32 +24,52 @@ supervision.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-MODES = ("none", "sqr", "dqr")
+from detrkit.config import Config
+
+MODES = ("none", "sqr", "dqr", "recurrent")
 
 State = tuple[Tensor, ...]  # e.g. (queries,) or (queries, reference points), each (B, G*N, ...)
 
 
-def sources(stage: int, mode: str) -> list[int]:
-    """The outputs (0 = initial queries, j = stage j's) that feed stage ``stage`` (1-based), newest first."""
+def sources(stage: int, mode: str, num_layers: int) -> list[int]:
+    """The outputs (0 = initial queries, j = stage j's) that feed stage ``stage`` (1-based) of a
+    decoder of ``num_layers`` layers, newest first."""
     if mode == "none":
         return [stage - 1]
     if mode == "sqr":
         return [j for j in (stage - 1, stage - 2) if j >= 0]
-    if mode == "dqr":
+    if mode == "dqr" or (mode == "recurrent" and stage <= num_layers):
         return list(range(stage - 1, -1, -1))
+    if mode == "recurrent":  # the extra pass: the last layer again, on its own outputs
+        return [stage - 1]
     raise ValueError(f"model.recollection: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def group_counts(num_stages: int, mode: str) -> list[int]:
-    """How many query groups pass through (and are supervised at) each of the stages 1..num_stages."""
+def num_stages(num_layers: int, mode: str, recurrent_steps: int = 0) -> int:
+    """Stages a decoder runs: its layers, one more in recurrent training, or ``recurrent_steps``
+    passes of a single-stage recurrent model."""
+    if recurrent_steps:
+        return recurrent_steps
+    return num_layers + (1 if mode == "recurrent" else 0)
+
+
+def layer_index(stage: int, num_layers: int) -> int:
+    """The layer (and per-layer head) that runs 0-based stage ``stage``: stages past the last
+    layer reuse it (recurrent training and inference)."""
+    return min(stage, num_layers - 1)
+
+
+def group_counts(num_layers: int, mode: str, recurrent_steps: int = 0) -> list[int]:
+    """How many query groups pass through (and are supervised at) each stage."""
     produced = [1]  # output 0: the initial queries, one group
-    for stage in range(1, num_stages + 1):
-        produced.append(sum(produced[j] for j in sources(stage, mode)))
+    for stage in range(1, num_stages(num_layers, mode, recurrent_steps) + 1):
+        produced.append(sum(produced[j] for j in sources(stage, mode, num_layers)))
     return produced[1:]
 
 
@@ -56,17 +79,46 @@ class Stage(NamedTuple):
     num_groups: int
 
 
-def run_stages(stage: Callable[[int, State, int], State], initial: State, num_stages: int,
-               mode: str) -> list[Stage]:
-    """Run ``stage(i, state, num_groups)`` for i = 0..num_stages-1 (0-based layer index), feeding
+def run_stages(stage: Callable[[int, State, int], State], initial: State, num_layers: int, mode: str,
+               recurrent_steps: int = 0) -> list[Stage]:
+    """Run ``stage(layer, state, num_groups)`` for every stage (see :func:`num_stages`), feeding
     each the groups that ``mode`` recollects. Returns what every stage saw and produced."""
     produced: list[tuple[State, int]] = [(initial, 1)]
     stages = []
-    for i in range(1, num_stages + 1):
-        fed = [produced[j] for j in sources(i, mode)]
+    for i in range(1, num_stages(num_layers, mode, recurrent_steps) + 1):
+        fed = [produced[j] for j in sources(i, mode, num_layers)]
         state = fed[0][0] if len(fed) == 1 else tuple(torch.cat(parts, 1) for parts in zip(*(s for s, _ in fed)))
         num_groups = sum(g for _, g in fed)
-        out = stage(i - 1, state, num_groups)
+        out = stage(layer_index(i - 1, num_layers), state, num_groups)
         stages.append(Stage(state, out, num_groups))
         produced.append((out, num_groups))
     return stages
+
+
+PER_LAYER = ("transformer.decoder.layers.", "class_embed.", "bbox_embed.",
+             "transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
+
+
+def to_recurrent(state_dict: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """The weights of the single-stage recurrent model: decoder layer ``num_layers - 1`` (and its
+    heads) become layer 0; the other decoder layers are dropped. Per-layer heads (refinement) are
+    renumbered the same way; a two-stage model's encoder head (index ``num_layers``) becomes 1."""
+    renumber = {str(num_layers - 1): "0", str(num_layers): "1"}
+    out = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in PER_LAYER if key.startswith(p)), None)
+        index, _, rest = key[len(prefix):].partition(".") if prefix else ("", "", "")
+        if not index.isdigit():  # not per layer (DETR's shared heads, the encoder, the backbone)
+            out[key] = value
+        elif index in renumber:
+            out[f"{prefix}{renumber[index]}.{rest}"] = value
+    return out
+
+
+def recurrent_config(cfg: Config, steps: int) -> Config:
+    """The config of the single-stage recurrent model made from a model trained with ``cfg``."""
+    out = copy.deepcopy(cfg)
+    out.model.transformer.num_decoder_layers = 1
+    out.model.recurrent_steps = steps
+    out.model.recollection = "none"
+    return out

@@ -129,11 +129,12 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    def __init__(self, cfg: TransformerConfig, recollection: str = "none"):
+    def __init__(self, cfg: TransformerConfig, recollection: str = "none", recurrent_steps: int = 0):
         super().__init__()
         self.layers = _clones(TransformerDecoderLayer(cfg), cfg.num_decoder_layers)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.recollection = recollection  # used in training only
+        self.recurrent_steps = recurrent_steps  # > 0: a single-stage model looped this many times
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_mask: Tensor | None,
                 pos: Tensor | None) -> tuple[list[Tensor], list[int]]:
@@ -144,18 +145,18 @@ class TransformerDecoder(nn.Module):
                                    pos, num_groups),)
 
         mode = self.recollection if self.training else "none"
-        stages = run_stages(stage, (tgt,), len(self.layers), mode)
+        stages = run_stages(stage, (tgt,), len(self.layers), mode, self.recurrent_steps)
         return [self.norm(s.outputs[0]) for s in stages], [s.num_groups for s in stages]
 
 
 class Transformer(nn.Module):
     """Encoder over the flattened feature map, decoder over the object queries."""
 
-    def __init__(self, cfg: TransformerConfig, recollection: str = "none"):
+    def __init__(self, cfg: TransformerConfig, recollection: str = "none", recurrent_steps: int = 0):
         super().__init__()
         self.d_model = cfg.d_model
         self.encoder = TransformerEncoder(cfg)
-        self.decoder = TransformerDecoder(cfg, recollection)
+        self.decoder = TransformerDecoder(cfg, recollection, recurrent_steps)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)

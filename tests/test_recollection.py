@@ -6,11 +6,13 @@ from detrkit import presets
 from detrkit.build import build_criterion, build_model
 from detrkit.config import ConfigError, TransformerConfig
 from detrkit.deformable_transformer import DeformableTransformerDecoderLayer
-from detrkit.recollection import group_counts, run_stages, sources
+from detrkit.recollection import group_counts, recurrent_config, run_stages, sources, to_recurrent
 from detrkit.transformer import TransformerDecoderLayer
 
 
 def test_group_counts_of_the_paper():
+    assert group_counts(6, "recurrent") == [1, 2, 4, 8, 16, 32, 32]  # + the last stage on its own output
+    assert group_counts(1, "none", recurrent_steps=6) == [1] * 6
     assert group_counts(6, "dqr") == [1, 2, 4, 8, 16, 32]
     assert group_counts(6, "sqr") == [1, 2, 3, 5, 8, 13]
     assert group_counts(6, "none") == [1] * 6
@@ -28,11 +30,12 @@ def test_group_counts_follow_the_rule_at_any_depth(depth):
 
 
 def test_sources_newest_first_so_group_zero_is_the_baseline_path():
-    assert sources(4, "sqr") == [3, 2]
-    assert sources(4, "dqr") == [3, 2, 1, 0]
-    assert sources(1, "sqr") == [0]
+    assert sources(4, "sqr", 6) == [3, 2]
+    assert sources(4, "dqr", 6) == [3, 2, 1, 0]
+    assert sources(1, "sqr", 6) == [0]
+    assert sources(7, "recurrent", 6) == [6]
     with pytest.raises(ValueError, match="model.recollection"):
-        sources(1, "xqr")
+        sources(1, "xqr", 6)
 
 
 def test_run_stages_feeds_each_stage_the_recollected_groups():
@@ -102,7 +105,7 @@ def _batch():
 
 
 @pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small", "deformable_detr_small_two_stage"])
-@pytest.mark.parametrize("mode", ["sqr", "dqr"])
+@pytest.mark.parametrize("mode", ["sqr", "dqr", "recurrent"])
 def test_every_group_is_matched_and_supervised_on_its_own(preset_name, mode):
     cfg = _tiny(preset_name, mode)
     torch.manual_seed(0)
@@ -138,3 +141,36 @@ def test_inference_of_a_recollection_model_is_the_baseline(preset_name):
     assert a["pred_logits"].shape == (2, 6, a["pred_logits"].shape[-1]) and len(a["aux_outputs"]) == 3
     torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=0)
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_two_stage"])
+def test_recurrent_model_runs_the_last_stage_t_times(preset_name):
+    torch.manual_seed(0)
+    cfg = _tiny(preset_name, "recurrent")
+    full = build_model(cfg).eval()
+    steps = 3
+    one = build_model(recurrent_config(cfg, steps)).eval()
+    one.load_state_dict(to_recurrent(full.state_dict(), 4))
+    assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in full.parameters())
+    # run the full model's last layer `steps` times by hand: the recurrent model must do exactly that
+    decoder = full.transformer.decoder
+    calls = []
+    hook = decoder.layers[3].register_forward_hook(lambda m, i, o: calls.append(o))
+    last = decoder.layers[3]
+    decoder.layers = torch.nn.ModuleList([last] * steps)  # the same module T times
+    if hasattr(decoder, "num_layers"):
+        decoder.num_layers = steps
+    if getattr(decoder, "bbox_embed", None) is not None:  # refinement heads: the last layer's, T times
+        heads = [full.class_embed[3]] * steps + [full.class_embed[4]]
+        boxes = [full.bbox_embed[3]] * steps + [full.bbox_embed[4]]
+        full.class_embed, full.bbox_embed = torch.nn.ModuleList(heads), torch.nn.ModuleList(boxes)
+        decoder.bbox_embed, decoder.class_embed = full.bbox_embed, full.class_embed
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        expected, got = full(images, mask), one(images, mask)
+    hook.remove()
+    assert len(calls) == steps and len(got["aux_outputs"]) == steps - 1
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"])
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"])
+    for a, b in zip(got["aux_outputs"], expected["aux_outputs"]):
+        torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
