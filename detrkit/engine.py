@@ -145,16 +145,19 @@ def compute_losses(criterion: nn.Module, outputs: dict, targets: list[dict]) -> 
     try:
         losses = criterion(outputs, targets)
         flag = (~torch.isfinite(losses["loss"])).float().reshape(1)
-    except TrainingError as e:  # e.g. an image with more objects than queries
+    except TrainingError as e:  # e.g. an image with more objects than queries, or a NaN matching cost
         error, flag = e, torch.ones(1, device=outputs["pred_boxes"].device)
+    local = flag.item()
     if distributed.is_distributed():
         torch.distributed.all_reduce(flag)
     if flag.item():
-        if error is not None:
-            raise error
         ids = [int(t["image_id"]) for t in targets]
+        if error is not None:
+            raise TrainingError(f"{error} (batch of images {ids}); the step was not applied and the "
+                                "weights are unchanged") from None
         bad = nonfinite_terms(losses)
-        where = f"{', '.join(bad)} for images {ids}" if bad else "on another process"
+        where = (f"{', '.join(bad)} for images {ids}" if bad
+                 else f"the weighted total overflowed for images {ids}" if local else "on another process")
         raise TrainingError(f"non-finite loss ({where}); the step was not applied and the "
                             "weights are unchanged. Lower train.lr or check these images' boxes.")
     return losses
@@ -253,7 +256,7 @@ class Run:
                     if k in losses:
                         sums[k] = sums.get(k, 0.0) + losses[k].item()
                 sums["n"] = sums.get("n", 0) + 1
-                bar.set_postfix(loss=f"{float(losses['loss']):.3f}")
+                bar.set_postfix(loss=f"{losses['loss'].item():.3f}")
                 if self.global_step % log_every == 0:
                     n = sums.pop("n")
                     record = distributed.mean_over_processes({k: v / n for k, v in sums.items()})
@@ -285,22 +288,42 @@ class Run:
         return stats
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, postprocess: Callable, dataset: CocoDetection, categories: CategoryMap,
              device: torch.device, batch_size: int = 2, amp: bool = False) -> dict[str, float]:
     """COCO metrics of ``model`` on ``dataset`` (every process evaluates its share; results are gathered)."""
+    return evaluate_each(model, postprocess, dataset, categories, device, batch_size, amp)[0]
+
+
+def evaluate_each(model: nn.Module, postprocess: Callable, dataset: CocoDetection, categories: CategoryMap,
+                  device: torch.device, batch_size: int = 2, amp: bool = False,
+                  select: Callable[[dict], list[dict]] = lambda outputs: [outputs],
+                  count: int = 1) -> list[dict[str, float]]:
+    """COCO metrics of each of the ``count`` sets of predictions that ``select`` picks from the
+    model's outputs (by default the main output alone; :func:`detrkit.analysis.evaluate_stages`
+    picks every decoder stage's), all scored from one forward pass per batch."""
+    evaluators = [CocoEvaluator(dataset.gt) for _ in range(count)]
+    for outputs, targets in model_outputs(model, dataset, device, batch_size, amp):
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        image_ids = [int(t["image_id"]) for t in targets]
+        for evaluator, predictions in zip(evaluators, select(outputs), strict=True):
+            detections = postprocess(predictions, orig_sizes)
+            evaluator.update(to_coco_results(detections, image_ids, categories.to_id))
+    return [evaluator.summarize() for evaluator in evaluators]
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 2,
+                  amp: bool = False) -> Iterator[tuple[dict, list[dict]]]:
+    """``model``'s outputs (in eval mode, without gradients) on this process's share of ``dataset``,
+    one batch at a time, each with the batch's targets (on ``device``)."""
     model.eval()
     indices = list(range(distributed.rank(), len(dataset), distributed.world_size()))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate)
-    evaluator = CocoEvaluator(dataset.gt)
     for images, mask, targets in loader:
         images, mask, targets = to_device(images, mask, targets, device)
         with autocast(device, amp):
             outputs = model(images, mask)
-        orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        detections = postprocess(outputs, orig_sizes)
-        evaluator.update(to_coco_results(detections, [int(t["image_id"]) for t in targets], categories.to_id))
-    return evaluator.summarize()
+        yield outputs, targets
 
 
 def _jsonable(obj):

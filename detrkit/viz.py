@@ -3,6 +3,8 @@
 * :func:`draw_detections`: boxes, names and scores on an image.
 * :func:`attention_figure`: the encoder self-attention of chosen pixels (the paper's figure 3).
 * :func:`query_boxes_figure`: where each object query puts its boxes over a dataset (figure 7).
+* :func:`stages_figure`: an image's detections after every decoder stage, side by side.
+* :func:`sampling_figure`: Deformable DETR's sampling points and attention weights (its figure 6).
 
 Everything is drawn with PIL and numpy: matplotlib is not a dependency.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import dataclasses
+import inspect
 import math
 from pathlib import Path
 from typing import Sequence
@@ -18,12 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from detrkit.analysis import all_stages, class_probabilities, stage_predictions
+from detrkit.box_ops import box_cxcywh_to_xyxy
 from detrkit.build import uses_focal_loss
 from detrkit.data.batch import collate
 from detrkit.data.transforms import resized_shape
+from detrkit.deformable_attention import MSDeformAttn
 from detrkit.errors import DetrkitError
 from detrkit.inference import Detections, Detector
 from detrkit.transformer import MultiheadAttention, TransformerEncoderLayer, with_pos
@@ -246,6 +253,206 @@ def query_boxes_figure(detector: Detector, dataset: Dataset, num_queries: int = 
     return grid(panels, min(ncols, len(panels)))
 
 
+# ---------------------------------------------------------------- decoder stages
+
+
+def _run_all_stages(detector: Detector, image: Image.Image) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """One forward pass over ``image`` (RGB): every stage's predictions, and the (1, 2) (h, w) size."""
+    device = next(detector.parameters()).device
+    tensor, _ = detector.transforms(image, None)
+    mask = torch.zeros((1, *tensor.shape[-2:]), dtype=torch.bool, device=device)
+    detector.eval()
+    with all_stages(detector.model):
+        outputs = detector(tensor[None].to(device), mask)
+    return stage_predictions(outputs), torch.tensor([[image.height, image.width]], device=device)
+
+
+def _named(detector: Detector, boxes: Tensor, scores: Tensor, labels: Tensor) -> Detections:
+    labels = labels.cpu()
+    return Detections(boxes=boxes.cpu(), scores=scores.cpu(), labels=labels,
+                      category_ids=[detector.categories.to_id(int(lab)) for lab in labels],
+                      names=[detector.categories.names[int(lab)] for lab in labels])
+
+
+@torch.no_grad()
+def stage_detections(detector: Detector, image: Image.Image, threshold: float = 0.5) -> list[Detections]:
+    """``image``'s detections scored above ``threshold`` after every decoder stage, first to last (the
+    last are :meth:`Detector.predict`'s), all from one forward pass."""
+    stages, size = _run_all_stages(detector, image.convert("RGB"))
+    detections = []
+    for predictions in stages:
+        det = detector.postprocess(predictions, size)[0]
+        keep = det["scores"] > threshold
+        detections.append(_named(detector, det["boxes"][keep], det["scores"][keep], det["labels"][keep]))
+    return detections
+
+
+def _fit(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """``image`` scaled (up or down) so that its longer side is ``max_side``, and the scale factor."""
+    factor = max_side / max(image.size)
+    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    return image.convert("RGB").resize(size, Image.Resampling.BILINEAR), factor
+
+
+def stages_figure(detector: Detector, image: Image.Image, threshold: float = 0.5, max_side: int = 300) -> Image.Image:
+    """One panel per decoder stage, captioned "stage i", with that stage's detections: objects found
+    early and lost by the last stage show up in the earlier panels only."""
+    panels = []
+    for i, det in enumerate(stage_detections(detector, image, threshold), 1):
+        scaled, factor = _fit(image, max_side)
+        panel = draw_detections(scaled, dataclasses.replace(det, boxes=det.boxes * factor))
+        panels.append(caption(panel, f"stage {i}: {len(det.scores)} objects"))
+    return grid(panels, len(panels))
+
+
+# ---------------------------------------------------------------- deformable sampling points (figure 6)
+
+
+def sampling_locations(attn: MSDeformAttn, query: Tensor, reference_points: Tensor,
+                       spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    """Where ``attn`` samples and with which weights (the paper's p_q + Δp_mqk and A_mqk, eq. 3): its
+    forward computes them but does not return them. Arguments as for ``attn.forward``.
+
+    Returns locations (B, Q, M, L, P, 2) as (x, y) normalised to each level's map ([0, 1] covers
+    it, as ``ms_deform_attn`` reads them) and weights (B, Q, M, L, P), summing to 1 over (L, P)."""
+    B, Q, _ = query.shape
+    M, L, P = attn.n_heads, attn.n_levels, attn.n_points
+    offsets = attn.sampling_offsets(query).view(B, Q, M, L, P, 2)
+    weights = attn.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
+    reference = reference_points[:, :, None, :, None, :]
+    if reference_points.shape[-1] == 2:  # offsets in pixels of each level
+        locations = reference + offsets / spatial_shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
+    else:  # offsets relative to the reference box: half its size at offset n_points
+        locations = reference[..., :2] + offsets / P * reference[..., 2:] * 0.5
+    return locations, weights
+
+
+@dataclasses.dataclass
+class Sampling:
+    """Where one decoder layer's cross-attention looks for each of an image's N queries, in pixels
+    of the original image: ``locations (N, M, L, P, 2)`` (x, y) of the M heads' P points on each of
+    the L levels, ``weights (N, M, L, P)`` (each head's sum to 1), ``reference (N, 2)`` the
+    reference points (centres of the reference boxes with refinement), and ``detections``: each
+    query's prediction after that layer (all N, in query order; best class and its score)."""
+    locations: Tensor
+    weights: Tensor
+    reference: Tensor
+    detections: Detections
+    stage: int  # 1-based decoder stage the layer's pass belongs to
+
+
+def _deformable_layers(detector: Detector) -> nn.ModuleList:
+    model = detector.model
+    layers = getattr(getattr(getattr(model, "transformer", None), "decoder", None), "layers", [])
+    if not layers or not all(isinstance(getattr(layer, "cross_attn", None), MSDeformAttn) for layer in layers):
+        raise DetrkitError(f"sampling points need a Deformable DETR checkpoint (deformable cross-attention in "
+                           f"the decoder); this one is a {type(model).__name__}")
+    return layers
+
+
+@torch.no_grad()
+def decoder_sampling(detector: Detector, image: Image.Image, layer: int = -1) -> Sampling:
+    """The sampling points of decoder layer ``layer``'s cross-attention over ``image`` (its last pass,
+    if the decoder runs the layer more than once), captured with forward hooks on the decoder's
+    ``MSDeformAttn`` modules and recomputed from their inputs (:func:`sampling_locations`).
+
+    A location x in [0, 1] of level l is sampled at x * W_l cells of that level's map, so at
+    x * W_l * stride_l pixels of the image the model saw (a little past its border at x = 1 when
+    the feature map was rounded up), then scaled to the original image."""
+    layers = _deformable_layers(detector)
+    if not -len(layers) <= layer < len(layers):
+        raise DetrkitError(f"layer {layer}: the decoder has {len(layers)} layers")
+    image = image.convert("RGB")
+    calls: list[tuple[int, dict]] = []
+
+    def keep_inputs(index: int):
+        def hook(module: MSDeformAttn, args: tuple, kwargs: dict, output: Tensor) -> None:
+            calls.append((index, inspect.signature(module.forward).bind(*args, **kwargs).arguments))
+        return hook
+
+    handles = [l.cross_attn.register_forward_hook(keep_inputs(i), with_kwargs=True) for i, l in enumerate(layers)]
+    try:
+        stages, size = _run_all_stages(detector, image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stage = max(k for k, (index, _) in enumerate(calls) if index == layer % len(layers))
+    inputs = calls[stage][1]
+    attn = layers[layer].cross_attn
+    locations, weights = sampling_locations(attn, inputs["query"], inputs["reference_points"],
+                                            inputs["spatial_shapes"])
+
+    # normalised level coordinates -> pixels of the transformed image -> pixels of the original
+    shapes = inputs["spatial_shapes"].tolist()
+    strides = list(detector.model.backbone.strides)
+    while len(strides) < len(shapes):  # the extra levels are stride-2 convolutions on the last
+        strides.append(2 * strides[-1])
+    h_in, w_in = detector.transforms(image, None)[0].shape[-2:]
+    to_pixels = torch.tensor([[w * s * image.width / w_in, h * s * image.height / h_in]
+                              for (h, w), s in zip(shapes, strides)], dtype=torch.float32)  # (L, 2)
+    locations = locations[0].float().cpu() * to_pixels[None, None, :, None, :]
+    reference = inputs["reference_points"][0, :, 0, :2].float().cpu() * to_pixels[0]
+
+    predictions = stages[stage]
+    probs = class_probabilities(predictions["pred_logits"][0], uses_focal_loss(detector.cfg))
+    scores, labels = probs.max(-1)
+    boxes = box_cxcywh_to_xyxy(predictions["pred_boxes"][0].float()) * size[0].flip(0).repeat(2).float()
+    return Sampling(locations, weights[0].float().cpu(), reference, _named(detector, boxes, scores, labels), stage + 1)
+
+
+def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, level: int, fill: tuple) -> None:
+    """Level 0: circle, 1: square, 2: triangle, 3: diamond, then again."""
+    shape = level % 4
+    if shape == 0:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == 1:
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == 2:
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+
+
+def sampling_panel(image: Image.Image, sampling: Sampling, query: int, max_side: int = 400) -> Image.Image:
+    """Query ``query``'s sampling points over ``image`` (dimmed), coloured by attention weight (viridis,
+    relative to the query's largest), the largest drawn last; a marker shape per level (circle,
+    square, triangle, diamond); the reference point as a white cross and the predicted box."""
+    scaled, factor = _fit(image, max_side)
+    out = Image.blend(scaled, Image.new("RGB", scaled.size), 0.4)
+    draw = ImageDraw.Draw(out)
+    det = sampling.detections
+    draw.rectangle((det.boxes[query] * factor).tolist(), outline=color(int(det.labels[query])), width=2)
+    points = (sampling.locations[query] * factor).flatten(0, 2)  # (M*L*P, 2)
+    weights = sampling.weights[query]
+    levels = torch.arange(weights.shape[1])[None, :, None].expand_as(weights).flatten()
+    weights = weights.flatten()
+    fills = colormap((weights / weights.max()).numpy())
+    r = max(2.0, max_side / 100)
+    for k in weights.argsort().tolist():
+        _marker(draw, *points[k].tolist(), r, int(levels[k]), tuple(int(c) for c in fills[k]))
+    x, y = (sampling.reference[query] * factor).tolist()
+    draw.line([x - 2 * r, y, x + 2 * r, y], fill="white", width=2)
+    draw.line([x, y - 2 * r, x, y + 2 * r], fill="white", width=2)
+    return out
+
+
+def sampling_figure(detector: Detector, image: Image.Image, queries: int | Sequence[int] = 5, layer: int = -1,
+                    max_side: int = 400, ncols: int = 5) -> Image.Image:
+    """Deformable DETR's figure 6: one panel per query (see :func:`sampling_panel`), for the given
+    query indices or, given a number K, the K queries scoring highest after layer ``layer``."""
+    sampling = decoder_sampling(detector, image, layer)
+    det = sampling.detections
+    if isinstance(queries, int):
+        queries = det.scores.topk(min(queries, len(det.scores))).indices.tolist()
+    for q in queries:
+        if not 0 <= q < len(det.scores):
+            raise DetrkitError(f"query {q}: the model has {len(det.scores)} queries")
+    panels = [caption(sampling_panel(image, sampling, q, max_side),
+                      f"query {q}: {det.names[q]} {float(det.scores[q]):.2f} (stage {sampling.stage})")
+              for q in queries]
+    return grid(panels, min(ncols, len(panels)))
+
+
 # ---------------------------------------------------------------- detrkit viz
 
 def _point(text: str) -> Point:
@@ -285,6 +492,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(draw=_query_boxes)
 
+    p = sub.add_parser("stages", help="an image's detections after every decoder stage, side by side")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("image")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.set_defaults(draw=_stages)
+
+    p = sub.add_parser("sampling", help="Deformable DETR's sampling points of chosen queries (its figure 6)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("image")
+    p.add_argument("--out", required=True)
+    p.add_argument("--queries", type=int, default=5, help="draw the K highest-scoring queries")
+    p.add_argument("--layer", type=int, default=-1, help="decoder layer (default: the last)")
+    p.set_defaults(draw=_sampling)
+
     for p in sub.choices.values():
         p.add_argument("--device")
 
@@ -314,6 +536,20 @@ def _query_boxes(detector: Detector, args: argparse.Namespace, out: Path) -> Non
     query_boxes_figure(detector, dataset, args.queries, args.min_score, batch_size=args.batch_size) \
         .save(out / "query_boxes.png")
     print(f"wrote {out / 'query_boxes.png'} ({len(dataset)} images)")
+
+
+def _stages(detector: Detector, args: argparse.Namespace, out: Path) -> None:
+    from detrkit.data.image import read_image
+    path = out / f"{Path(args.image).stem}_stages.png"
+    stages_figure(detector, read_image(args.image), args.threshold).save(path)
+    print(f"wrote {path}")
+
+
+def _sampling(detector: Detector, args: argparse.Namespace, out: Path) -> None:
+    from detrkit.data.image import read_image
+    path = out / f"{Path(args.image).stem}_sampling.png"
+    sampling_figure(detector, read_image(args.image), args.queries, args.layer).save(path)
+    print(f"wrote {path}")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Pictures: encoder attention weights (figure 3), query box distributions (figure 7), `detrkit viz`."""
+"""Pictures: encoder attention weights (figure 3), query box distributions (figure 7), per-stage
+detections, deformable sampling points (Deformable DETR figure 6), `detrkit viz`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,16 +12,18 @@ from torch import nn
 
 import detrkit
 from detrkit import viz
-from detrkit.box_ops import box_xyxy_to_cxcywh
+from detrkit.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from detrkit.build import build_model
 from detrkit.checkpoint import save_model
 from detrkit.cli import main as cli_main
 from detrkit.config import TransformerConfig
 from detrkit.data.coco import CocoDetection, resolve_split
 from detrkit.data.image import read_image
+from detrkit.deformable_attention import MSDeformAttn
 from detrkit.errors import DetrkitError
-from detrkit.inference import Detector
-from detrkit.presets import detr_small
+from detrkit.inference import Detections, Detector
+from detrkit.ops import ms_deform_attn_reference
+from detrkit.presets import PRESETS, detr_small
 from detrkit.transformer import MultiheadAttention, with_pos
 
 
@@ -196,3 +199,206 @@ def test_viz_predictions_cli_still_draws_images(checkpoint: Path, synth_root: Pa
     assert cli_main(["viz", "predictions", "--checkpoint", str(checkpoint), str(image_path),
                      "--threshold", "0", "--out", str(tmp_path)]) == 0
     assert Image.open(tmp_path / f"{image_path.stem}.png").size == read_image(image_path).size
+
+
+# ---------------------------------------------------------------- decoder stages
+
+
+def tiny_model_checkpoint(preset, synth_root: Path, out: Path) -> Path:
+    """An untrained 1+2-layer model (d_model 32, 10 queries) seeing images at 64 px."""
+    torch.manual_seed(0)
+    categories = CocoDetection(*resolve_split(synth_root, "val")).categories
+    cfg = preset()
+    cfg.model.num_classes, cfg.model.num_queries = len(categories), 10
+    cfg.model.transformer = TransformerConfig(d_model=32, nheads=4, num_encoder_layers=1, num_decoder_layers=2,
+                                              dim_feedforward=64, dropout=0.0)
+    cfg.data.val_scale, cfg.data.max_size = 64, 128
+    return save_model(out, build_model(cfg).eval(), cfg.to_dict(), categories.to_dict())
+
+
+@pytest.fixture(scope="module", params=["detr_small", "deformable_detr_small"])
+def staged_checkpoint(request: pytest.FixtureRequest, synth_root: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model_checkpoint(PRESETS[request.param], synth_root, tmp_path_factory.mktemp(request.param) / "model")
+
+
+def test_stage_detections_are_each_stages_postprocessed_predictions(staged_checkpoint: Path):
+    detector = detrkit.load(staged_checkpoint, "cpu")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    stages = viz.stage_detections(detector, image, threshold=0.0)
+    assert len(stages) == 2
+
+    # the last stage is what predict returns
+    final = detector.predict(image, threshold=0.0)
+    torch.testing.assert_close(stages[-1].boxes, final.boxes)
+    torch.testing.assert_close(stages[-1].scores, final.scores)
+    assert stages[-1].names == final.names
+    # the first is the first decoder output, post-processed (computed here from the model's parts)
+    tensor, _ = detector.transforms(image, None)
+    with torch.no_grad():
+        out = detector.model(tensor[None], torch.zeros(1, *tensor.shape[-2:], dtype=torch.bool))
+        first = detector.postprocess(out["aux_outputs"][0], torch.tensor([[70, 100]]))[0]
+    torch.testing.assert_close(stages[0].boxes, first["boxes"])
+    torch.testing.assert_close(stages[0].scores, first["scores"])
+    assert not torch.equal(stages[0].boxes, stages[1].boxes)
+    # a threshold keeps the detections scored above it
+    kept = viz.stage_detections(detector, image, threshold=float(first["scores"].median()))[0]
+    assert len(kept.scores) == int((first["scores"] > first["scores"].median()).sum()) > 0
+
+
+def test_stages_figure_shows_what_each_stage_found(detector: Detector, monkeypatch: pytest.MonkeyPatch):
+    """An object found at stage 1 and lost at stage 2 is drawn in the first panel only."""
+    found = Detections(boxes=torch.tensor([[10.0, 20.0, 60.0, 50.0]]), scores=torch.tensor([0.9]),
+                       labels=torch.tensor([2]), category_ids=[5], names=["thing"])
+    lost = Detections(boxes=torch.zeros(0, 4), scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.int64),
+                      category_ids=[], names=[])
+    monkeypatch.setattr(viz, "stage_detections", lambda *args: [found, lost])
+    image = Image.new("RGB", (100, 80), (128, 128, 128))
+    figure = np.asarray(viz.stages_figure(detector, image, max_side=200)).astype(int)
+    # two 200x160 panels under 14-pixel captions, 4 pixels apart
+    assert figure.shape == (160 + 14 + 8, 2 * 204 + 4, 3)
+    # the box's left edge at x = 10 * 2 (scaled), y from 40 to 100, below the caption
+    left_edge = figure[4 + 14 + 60, 4 + 20]
+    assert tuple(left_edge) == viz.color(2)
+    assert tuple(figure[4 + 14 + 60, 4 + 204 + 20]) == (128, 128, 128)
+    captions = figure[4:4 + 14]
+    assert (captions[:, 4:204] < 100).any() and (captions[:, 208:408] < 100).any()  # black caption text
+
+
+def test_viz_stages_cli_writes_one_panel_per_stage(staged_checkpoint: Path, synth_root: Path, tmp_path: Path):
+    image_path = next((synth_root / "val" / "images").iterdir())
+    assert cli_main(["viz", "stages", "--checkpoint", str(staged_checkpoint), str(image_path),
+                     "--threshold", "0", "--out", str(tmp_path)]) == 0
+    width, height = read_image(image_path).size
+    h = round(height * 300 / width) if width >= height else 300
+    w = 300 if width >= height else round(width * 300 / height)
+    assert Image.open(tmp_path / f"{image_path.stem}_stages.png").size == (2 * (w + 4) + 4, h + 14 + 8)
+
+
+# ---------------------------------------------------------------- deformable sampling points
+
+
+@pytest.mark.parametrize("box_reference", [False, True])
+def test_sampling_locations_reproduce_the_modules_output(box_reference: bool):
+    """Fed to the sampling op and the output projection, the recomputed locations and weights give
+    exactly what MSDeformAttn returned: they are the points it sampled, with its weights."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3)
+    with torch.no_grad():
+        for linear in (attn.sampling_offsets, attn.attention_weights):
+            linear.weight.normal_(0, 0.3)
+    shapes = torch.tensor([[4, 6], [2, 3]])
+    starts = torch.tensor([0, 24])
+    query, memory = torch.randn(2, 5, 16), torch.randn(2, 30, 16)
+    reference = torch.rand(2, 5, 2, 4 if box_reference else 2) * 0.8 + 0.1
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 20:24] = True
+    with torch.no_grad():
+        expected = attn(query, reference, memory, shapes, starts, mask)
+        locations, weights = viz.sampling_locations(attn, query, reference, shapes)
+        value = attn.value_proj(memory).masked_fill(mask[..., None], 0.0).unflatten(-1, (2, -1))
+        out = attn.output_proj(ms_deform_attn_reference(value, shapes, starts, locations, weights))
+    assert locations.shape == (2, 5, 2, 2, 3, 2) and weights.shape == (2, 5, 2, 2, 3)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(2, 5, 2))
+
+
+def test_sampling_locations_at_initialisation_are_the_papers_ring():
+    """Zero offset weights: each head's k-th point is k pixels of each level out along its direction."""
+    attn = MSDeformAttn(d_model=8, n_levels=2, n_heads=4, n_points=2)  # directions: right, down, left, up
+    shapes = torch.tensor([[10, 20], [5, 10]])
+    locations, weights = viz.sampling_locations(attn, torch.randn(1, 1, 8), torch.full((1, 1, 2, 2), 0.5), shapes)
+    right_level0_point2 = locations[0, 0, 0, 0, 1]
+    up_level1_point1 = locations[0, 0, 3, 1, 0]
+    torch.testing.assert_close(right_level0_point2, torch.tensor([0.5 + 2 / 20, 0.5]))
+    torch.testing.assert_close(up_level1_point1, torch.tensor([0.5, 0.5 - 1 / 5]))
+    torch.testing.assert_close(weights, torch.full((1, 1, 4, 2, 2), 0.25))
+
+
+@pytest.fixture(scope="module")
+def deformable_detector(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Detector:
+    return detrkit.load(tiny_model_checkpoint(PRESETS["deformable_detr_small_refine"], synth_root,
+                                              tmp_path_factory.mktemp("refine") / "model"), "cpu")
+
+
+@pytest.mark.parametrize("layer", [0, -1])
+def test_decoder_sampling_captures_the_layers_points_in_image_pixels(deformable_detector: Detector, layer: int):
+    """A 192x128 image seen at 96x64: levels of 12x8, 6x4, 3x2 cells at strides 8, 16, 32 cover it
+    exactly, so a normalised location x is at 192 x in the original's pixels; the 2x1 cells of the
+    stride-64 level reach past the border, to 128 px in the model's view, so there x is at 256 x."""
+    detector = deformable_detector
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (128, 192, 3), dtype=np.uint8))
+    cross_attn = detector.model.transformer.decoder.layers[layer].cross_attn
+    seen = {}
+
+    def keep(module, args, output):
+        seen["args"] = args
+
+    handle = cross_attn.register_forward_hook(keep)
+    try:
+        sampling = viz.decoder_sampling(detector, image, layer)
+    finally:
+        handle.remove()
+    query, reference, _, shapes, *_ = seen["args"]
+    assert shapes.tolist() == [[8, 12], [4, 6], [2, 3], [1, 2]]
+    assert reference.shape[-1] == (2 if layer == 0 else 4)  # refinement: later layers refine boxes
+    locations, weights = viz.sampling_locations(cross_attn, query, reference, shapes)
+    to_pixels = torch.tensor([[192.0, 128.0]] * 3 + [[256.0, 128.0]])  # (L, 2)
+    torch.testing.assert_close(sampling.locations, locations[0] * to_pixels[:, None, :])
+    torch.testing.assert_close(sampling.weights, weights[0])
+    torch.testing.assert_close(sampling.reference, reference[0, :, 0, :2] * to_pixels[0])
+    assert sampling.stage == (1 if layer == 0 else 2)
+    # each query's box is its prediction after that layer
+    tensor, _ = detector.transforms(image, None)
+    with torch.no_grad():
+        out = detector.model(tensor[None], torch.zeros(1, 64, 96, dtype=torch.bool))
+    stage = out["aux_outputs"][0] if layer == 0 else out
+    torch.testing.assert_close(sampling.detections.boxes,
+                               box_cxcywh_to_xyxy(stage["pred_boxes"][0]) * torch.tensor([192.0, 128.0] * 2))
+    torch.testing.assert_close(sampling.detections.scores, stage["pred_logits"][0].sigmoid().amax(-1))
+
+
+def test_sampling_needs_a_deformable_model_and_an_existing_layer(detector: Detector, deformable_detector: Detector):
+    image = Image.new("RGB", (96, 64))
+    with pytest.raises(DetrkitError, match="need a Deformable DETR checkpoint.*this one is a DETR"):
+        viz.decoder_sampling(detector, image)
+    with pytest.raises(DetrkitError, match="layer 2: the decoder has 2 layers"):
+        viz.decoder_sampling(deformable_detector, image, layer=2)
+    with pytest.raises(DetrkitError, match="query 10: the model has 10 queries"):
+        viz.sampling_figure(deformable_detector, image, queries=[10])
+
+
+def test_sampling_panel_colours_points_by_weight():
+    """Two sampling points: the heavy one yellow (viridis' top), the light one dark purple, each at its
+    place; the predicted box in its label's colour; the reference point a white cross."""
+    sampling = viz.Sampling(
+        locations=torch.tensor([[20.0, 20.0], [70.0, 60.0]]).view(1, 1, 2, 1, 2),  # (N, M, L, P, 2)
+        weights=torch.tensor([0.9, 0.1]).view(1, 1, 2, 1),
+        reference=torch.tensor([[50.0, 80.0]]),
+        detections=Detections(boxes=torch.tensor([[30.0, 5.0, 90.0, 45.0]]), scores=torch.tensor([0.8]),
+                              labels=torch.tensor([1]), category_ids=[3], names=["thing"]),
+        stage=2)
+    panel = np.asarray(viz.sampling_panel(Image.new("RGB", (100, 100), (200, 200, 200)), sampling, 0,
+                                          max_side=100)).astype(int)
+    assert tuple(panel[20, 20]) == tuple(viz.colormap(np.array(1.0)))  # weight 0.9 / max 0.9
+    assert tuple(panel[60, 70]) == tuple(viz.colormap(np.array(0.1 / 0.9)))
+    assert tuple(panel[25, 30]) == viz.color(1)  # the box's left edge
+    assert tuple(panel[80, 50]) == (255, 255, 255)
+    assert tuple(panel[90, 10]) == (120, 120, 120)  # the image, dimmed
+
+
+def test_viz_sampling_cli(deformable_detector: Detector, checkpoint: Path, synth_root: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture):
+    model_dir = tmp_path / "model"
+    save_model(model_dir, deformable_detector.model, deformable_detector.cfg.to_dict(),
+               deformable_detector.categories.to_dict())
+    image_path = next((synth_root / "val" / "images").iterdir())
+    assert cli_main(["viz", "sampling", "--checkpoint", str(model_dir), str(image_path), "--queries", "3",
+                     "--layer", "0", "--out", str(tmp_path)]) == 0
+    width, height = read_image(image_path).size
+    h = round(height * 400 / width) if width >= height else 400
+    w = 400 if width >= height else round(width * 400 / height)
+    assert Image.open(tmp_path / f"{image_path.stem}_sampling.png").size == (3 * (w + 4) + 4, h + 14 + 8)
+    assert cli_main(["viz", "sampling", "--checkpoint", str(checkpoint), str(image_path),
+                     "--out", str(tmp_path)]) == 2
+    assert "Deformable DETR" in capsys.readouterr().err
