@@ -99,6 +99,23 @@ def read_config(path: str | Path) -> dict:
     return meta
 
 
+def read_state(path: str | Path) -> dict:
+    """Read ``state.json`` of a training checkpoint (loop state, RNG states, optimizer structure)."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found ({path} holds a model, not a training checkpoint "
+                              "to resume)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable or corrupt JSON: {e}") from None
+    missing = [k for k in ("epoch", "step_in_epoch", "global_step", "elapsed", "optimizer", "rng_python",
+                           "rng_numpy") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{file}: not a detrkit training state (missing {', '.join(missing)})")
+    return state
+
+
 def read_tensors(file: str | Path) -> dict[str, torch.Tensor]:
     file = Path(file)
     if not file.exists():
@@ -114,12 +131,12 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+    shapes = [f"{k} file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
     if missing or unexpected or shapes:
         def show(items: list[str]) -> str:
-            return ", ".join(items[:10]) + (f" ... ({len(items)} in all)" if len(items) > 10 else "")
-        parts = [f"{name}: {show(items)}" for name, items in
+            return ", ".join(items[:10]) + (", ..." if len(items) > 10 else "")
+        parts = [f"{name} ({len(items)}): {show(items)}" for name, items in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
         raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(parts))
     model.load_state_dict(state_dict)

@@ -1,4 +1,4 @@
-"""The ``detrkit`` command: synth, check, train, eval, predict, viz."""
+"""The ``detrkit`` command: synth, check, train, eval, analyze, predict, viz, convert, export."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,8 @@ def cmd_check(args: argparse.Namespace) -> None:
     from detrkit.data.coco import resolve_split
     if args.images or args.annotations:
         splits = [_dataset_paths(args)]
+    elif not args.dir:
+        raise DetrkitError("give a dataset: detrkit check DIR, or --images DIR --annotations FILE")
     elif (Path(args.dir) / "annotations.json").exists():
         splits = [resolve_split(args.dir, None)]
     else:
@@ -68,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg.train.epochs = args.epochs
     if args.time_limit is not None:
         cfg.train.time_limit = args.time_limit
+    if args.backbone_weights:
+        cfg.model.backbone.weights = args.backbone_weights
     device = distributed.init_from_env()
     if args.device:
         device = torch.device(args.device)
@@ -92,27 +96,55 @@ def cmd_train(args: argparse.Namespace) -> None:
     distributed.cleanup()
 
 
+def _detector_and_dataset(args: argparse.Namespace):
+    """``--checkpoint`` loaded, and the dataset arguments' images prepared as for evaluation."""
+    from detrkit.data.coco import CocoDetection
+    from detrkit.data.transforms import make_transforms
+    from detrkit.inference import load
+    detector = load(args.checkpoint, args.device)
+    images, annotations = _dataset_paths(args)
+    return detector, CocoDetection(images, annotations, make_transforms(detector.cfg.data, train=False))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from detrkit.evaluation import evaluate_files, format_table
     if args.predictions:
+        if args.per_stage:
+            raise DetrkitError("--per-stage needs --checkpoint: a results file holds one set of predictions")
         _, annotations = _dataset_paths(args)
         stats = evaluate_files(args.predictions, annotations)
     else:
         if not args.checkpoint:
             raise DetrkitError("give --checkpoint C (or --predictions RESULTS.json)")
-        from detrkit.data.coco import CocoDetection
-        from detrkit.data.transforms import make_transforms
         from detrkit.engine import evaluate
-        from detrkit.inference import load
-        detector = load(args.checkpoint, args.device)
-        images, annotations = _dataset_paths(args)
-        dataset = CocoDetection(images, annotations, make_transforms(detector.cfg.data, train=False))
+        detector, dataset = _detector_and_dataset(args)
         device = next(detector.parameters()).device
+        if args.per_stage:
+            from detrkit.analysis import evaluate_stages, format_stage_table
+            stages = evaluate_stages(detector.model, detector.postprocess, dataset, detector.categories, device,
+                                     args.batch_size)
+            print(format_stage_table(stages))
+            if args.json:
+                Path(args.json).write_text(json.dumps({"stages": stages}, indent=2))
+            return
         stats = evaluate(detector.model, detector.postprocess, dataset, detector.categories, device,
                          args.batch_size)
     print(format_table(stats))
     if args.json:
         Path(args.json).write_text(json.dumps(stats, indent=2))
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from detrkit.analysis import fading_rates, format_fading, num_stages
+    from detrkit.build import uses_focal_loss
+    detector, dataset = _detector_and_dataset(args)
+    counts = fading_rates(detector.model, dataset, next(detector.parameters()).device,
+                          uses_focal_loss(detector.cfg), args.threshold, args.iou, args.batch_size)
+    print(f"last stage of {num_stages(detector.model)} over {len(dataset)} images "
+          f"(score >= {args.threshold:g}, IoU >= {args.iou:g}):")
+    print(format_fading(counts))
+    if args.json:
+        Path(args.json).write_text(json.dumps(counts.to_dict(), indent=2))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -140,6 +172,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_viz(args: argparse.Namespace) -> None:
     from detrkit import viz
     viz.main(args)
+
+
+def _hints(args: argparse.Namespace) -> dict:
+    return {"dilation": args.dilation or None, "nheads": args.nheads, "num_queries": args.num_queries}
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from detrkit.interop import convert
+    print(f"wrote {convert(args.src, args.out, **_hints(args))}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from detrkit.interop import export
+    print(f"wrote {export(args.src, args.out, args.format, **_hints(args))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--epochs", type=int)
     p.add_argument("--time-limit", type=float, help="seconds of training before stopping cleanly")
+    p.add_argument("--backbone-weights", metavar="FILE",
+                   help="torchvision ResNet state dict (.pth or .safetensors) to start the backbone from")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--device")
     p.set_defaults(func=cmd_train)
@@ -181,9 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="COCO results JSON to score instead of running a model")
     _add_dataset_args(p)
     p.add_argument("--json", help="also write the 12 numbers to this file")
+    p.add_argument("--per-stage", action="store_true",
+                   help="score every decoder stage's predictions (one row per stage)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="the last decoder stage's TP fading and FP exacerbation rates (SQR paper)")
+    p.add_argument("--checkpoint", required=True)
+    _add_dataset_args(p)
+    p.add_argument("--threshold", type=float, default=0.3, help="last-stage predictions scored at least this count")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU a true positive needs with its ground truth")
+    p.add_argument("--json", help="also write the counts and rates to this file")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("predict", help="detect objects in images; write results.json and pictures")
     p.add_argument("--checkpoint", required=True)
@@ -197,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     from detrkit.viz import add_arguments
     add_arguments(p)
     p.set_defaults(func=cmd_viz)
+
+    for name, text in (("convert", "any loadable checkpoint -> detrkit's folder (config.json + model.safetensors)"),
+                       ("export", "any loadable checkpoint -> a transformers folder (hf) or an official .pth")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("src", help="detrkit folder or run, official .pth, or HuggingFace save_pretrained folder")
+        p.add_argument("--out", required=True, help="output folder (hf, convert) or .pth file (official)")
+        if name == "export":
+            p.add_argument("--format", choices=("hf", "official"), default="hf")
+        p.add_argument("--dilation", action="store_true", help="the source has a DC5 (dilated) backbone")
+        p.add_argument("--nheads", type=int, help="attention heads of an official checkpoint without args (8)")
+        p.add_argument("--num-queries", type=int, help="queries of a two-stage official checkpoint without args")
+        p.set_defaults(func=cmd_convert if name == "convert" else cmd_export)
     return parser
 
 
@@ -205,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except DetrkitError as e:
-        print(f"detrkit {args.command}: error: {e}", file=sys.stderr)
+        # One line whatever the message holds (YAML parser errors, for one, span several).
+        print(f"detrkit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"detrkit {args.command}: interrupted", file=sys.stderr)

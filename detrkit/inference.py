@@ -10,9 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from detrkit import checkpoint
-from detrkit.build import build_model, build_postprocess
-from detrkit.config import Config, from_dict
+from detrkit.build import build_postprocess
+from detrkit.config import Config
 from detrkit.data.batch import pad_images
 from detrkit.data.coco import CategoryMap
 from detrkit.data.image import read_image
@@ -84,13 +83,12 @@ def _to_pil(image: ImageInput) -> Image.Image:
     raise TypeError(f"cannot read an image from {type(image).__name__}")
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Detector:
-    """Load a detector from a detrkit model folder, a checkpoint folder or a training run folder."""
-    ckpt = checkpoint.latest_checkpoint(path)
-    meta = checkpoint.read_config(ckpt)
-    cfg = from_dict(meta["config"])
-    cfg.model.backbone.weights = None  # the checkpoint holds the trained backbone; no ImageNet file needed
-    model = build_model(cfg)
-    checkpoint.load_state_dict_strict(model, checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE), str(ckpt))
-    detector = Detector(model, cfg, CategoryMap.from_dict(meta["categories"]))
+def load(path: str | Path, device: str | torch.device | None = None, **hints) -> Detector:
+    """Load a detector from a detrkit model folder, checkpoint folder or training run folder, an
+    official DETR / Deformable DETR ``.pth``, or a HuggingFace ``save_pretrained`` folder; the config
+    of a foreign checkpoint is read off its weights. ``hints`` (``dilation``, ``nheads``,
+    ``num_queries``) give what weights cannot show: see :func:`detrkit.interop.load_model`."""
+    from detrkit.interop import load_model
+    model, cfg, categories = load_model(path, **hints)
+    detector = Detector(model, cfg, categories)
     return detector.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()

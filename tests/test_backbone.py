@@ -190,6 +190,21 @@ def test_from_scratch_norm_and_frozen_parts():
         Backbone(BackboneConfig(name="resnet18", norm="group"))
 
 
+def test_torchvision_weights_load_into_a_trainable_batchnorm_backbone(tmp_path):
+    torch.manual_seed(0)
+    source = resnet("resnet18", norm="bn")
+    for m in source.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.num_batches_tracked.fill_(7)
+    path = tmp_path / "resnet18.pth"
+    torch.save({**source.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, path)
+    backbone = Backbone(BackboneConfig(name="resnet18", norm="bn", frozen=[], weights=str(path)))
+    for k, v in source.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(backbone.body.state_dict()[k], v), k
+
+
 def test_masks_downsampled():
     torch.manual_seed(0)
     backbone = Backbone(BackboneConfig(name="resnet18", dilation=True),

@@ -1,13 +1,20 @@
 """ms_deform_attn: every implementation against a float64 evaluation of the formula."""
 import importlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 from detrkit.ops import ms_deform_attn
-from detrkit.ops import ms_deform_attn as msda_module
 from detrkit.ops import ms_deform_attn_cpu
+
+# The function detrkit.ops.ms_deform_attn hides the submodule of the same name.
+msda_module = importlib.import_module("detrkit.ops.ms_deform_attn")
 
 SHAPES = ((5, 7), (3, 4), (1, 2))
 
@@ -50,7 +57,8 @@ def random_inputs(B=2, Q=9, M=2, D=6, shapes=SHAPES, P=3, seed=0):
     value = torch.randn(B, M, S, D, generator=g, dtype=torch.float64).transpose(1, 2)
     loc = torch.rand(B, Q, M, L, P, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3
     pick = torch.rand(loc.shape, generator=g)
-    loc = torch.where(pick < 0.1, torch.rand(loc.shape, generator=g).round().double(), loc)  # 0 or 1
+    edge = torch.rand(loc.shape, generator=g, dtype=torch.float64).round()  # exactly 0 or 1
+    loc = torch.where(pick < 0.1, edge, loc)
     loc = torch.where(pick > 0.95, torch.full_like(loc, -4.0), loc)  # far outside
     attn = torch.rand(B, Q, M, L, P, generator=g, dtype=torch.float64)
     return value, spatial_shapes, level_start_index, loc, attn
@@ -70,14 +78,19 @@ def padded_inputs(M=2, D=6, P=3, seed=1):
     keep = torch.cat([k.flatten(1) for k in keep], 1)  # (B, S)
     value = torch.randn(B, S, M, D, generator=g, dtype=torch.float64) * keep[:, :, None, None]
     Q = 10
-    ref = torch.rand(B, Q, 1, 1, 1, 2, generator=g, dtype=torch.float64) * valid.flip(1)[:, None, None, None, None]
-    offsets = torch.randn(B, Q, M, L, P, 2, generator=g, dtype=torch.float64) * 1.5
-    loc = ref + offsets / spatial_shapes.flip(1)[None, None, None, :, None].double()
-    attn = torch.randn(B, Q, M, L * P, generator=g, dtype=torch.float64).softmax(-1).view(B, Q, M, L, P)
-    return value, spatial_shapes, level_start_index, loc, attn
+    ref = torch.rand(B, Q, 2, generator=g, dtype=torch.float64) * valid.flip(1)[:, None]  # (x, y)
+    offsets = torch.randn(B, Q, M, L, P, 2, generator=g, dtype=torch.float64) * 1.5  # pixels
+    loc = ref[:, :, None, None, None] + offsets / spatial_shapes.flip(1)[:, None]
+    attn = torch.randn(B, Q, M, L * P, generator=g, dtype=torch.float64).softmax(-1)
+    return value, spatial_shapes, level_start_index, loc, attn.view(B, Q, M, L, P)
 
 
 def assert_matches_formula(inputs, impl, dtype, device="cpu"):
+    if impl == "cpu":
+        # Otherwise the op would silently test the reference it falls back to.
+        if shutil.which(shlex.split(os.environ.get("CXX", "c++"))[0]) is None:
+            pytest.skip("no C++ compiler")
+        assert ms_deform_attn_cpu.load() is not None, "the CPU kernel failed to build"
     value, spatial_shapes, level_start_index, loc, attn = inputs
     leaves = [t.detach().to(device, dtype).requires_grad_() for t in (value, loc, attn)]
     out = ms_deform_attn(leaves[0], spatial_shapes.to(device), level_start_index.to(device),
@@ -96,20 +109,6 @@ def assert_matches_formula(inputs, impl, dtype, device="cpu"):
         assert err <= tol * (1 + e.abs().max().item()), f"{impl} {dtype} {name}: error {err}"
 
 
-@pytest.fixture(scope="module")
-def triton_device():
-    """CUDA when there is one; otherwise the Triton interpreter on CPU tensors."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")  # read when the kernels are decorated
-        module = importlib.reload(importlib.import_module("detrkit.ops.ms_deform_attn_triton"))
-        yield "cpu"
-    importlib.reload(module)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("D", [6, 32])
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
@@ -122,10 +121,23 @@ def test_padded_batch(impl):
     assert_matches_formula(padded_inputs(), impl, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_triton_matches_formula(triton_device, dtype):
-    assert_matches_formula(random_inputs(D=6), "triton", dtype, triton_device)
-    assert_matches_formula(padded_inputs(D=32), "triton", dtype, triton_device)
+def check_triton(device):
+    assert_matches_formula(random_inputs(D=6), "triton", torch.float64, device)
+    assert_matches_formula(padded_inputs(D=32), "triton", torch.float32, device)
+
+
+def test_triton_matches_formula():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        check_triton("cuda")
+        return
+    # Without a GPU: Triton's interpreter, which must be enabled before triton is first
+    # imported, hence a fresh process.
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); " \
+           "import test_ms_deform_attn as t; t.check_triton('cpu')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_cpu_gradcheck():
@@ -140,7 +152,8 @@ def test_half_precision_is_computed_in_float32():
     out = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, loc.float(),
                          attn.float())
     assert out.dtype == torch.bfloat16
-    expected = formula(value.bfloat16(), spatial_shapes, level_start_index, loc.float(), attn.float())
+    expected = formula(value.bfloat16(), spatial_shapes, level_start_index, loc.float(),
+                       attn.float())
     torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
 
 
@@ -175,3 +188,11 @@ def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ms_deform_attn(*inputs)
+
+
+def test_inconsistent_inputs_raise():
+    value, spatial_shapes, level_start_index, loc, attn = random_inputs()
+    with pytest.raises(ValueError, match="attention_weights must be"):
+        ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn[..., :-1])
+    with pytest.raises(ValueError, match="do not fit"):  # would read past the end of value
+        ms_deform_attn(value[:, :-1], spatial_shapes, level_start_index, loc, attn, impl="cpu")

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ms_deform_attn_cpu import ms_deform_attn_cpu
+
 IMPLS = ("auto", "reference", "cpu", "triton")
 ENV_VAR = "DETRKIT_MSDA_IMPL"
 
@@ -40,13 +42,32 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()
 
 
+def check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                 sampling_locations: Tensor, attention_weights: Tensor) -> None:
+    """Raise ValueError unless the shapes agree (the kernels index memory with them)."""
+    if value.dim() != 4 or sampling_locations.dim() != 6:
+        raise ValueError("ms_deform_attn: value must be (B, S, M, D) and sampling_locations "
+                         f"(B, Q, M, L, P, 2), got {tuple(value.shape)} and "
+                         f"{tuple(sampling_locations.shape)}")
+    B, _, M, _ = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    expected = {"sampling_locations": (B, Q, M, L, P, 2), "attention_weights": (B, Q, M, L, P),
+                "spatial_shapes": (L, 2), "level_start_index": (L,)}
+    for name, t in zip(expected, (sampling_locations, attention_weights, spatial_shapes,
+                                  level_start_index)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"ms_deform_attn: {name} must be {expected[name]} for value "
+                             f"{tuple(value.shape)}, got {tuple(t.shape)}")
+
+
 def triton_available() -> bool:
     """Whether the ``triton`` package is importable (it is never required)."""
     return importlib.util.find_spec("triton") is not None
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """Turn ``impl`` (or, for ``"auto"``, the ``DETRKIT_MSDA_IMPL`` variable) into a concrete path."""
+    """The path that ``impl`` means for tensors on ``device``; with ``"auto"`` the
+    ``DETRKIT_MSDA_IMPL`` environment variable, when set, decides instead."""
     if impl == "auto":
         impl = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if impl not in IMPLS:
@@ -80,6 +101,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     Returns:
         (B, Q, M * D), in the dtype of ``value``.
     """
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     impl = resolve_impl(impl, value.device)
     if impl == "reference":
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index,
@@ -89,11 +111,10 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     args = (value.to(dtype), spatial_shapes, level_start_index,
             sampling_locations.to(dtype), attention_weights.to(dtype))
     if impl == "cpu":
-        from . import ms_deform_attn_cpu
-        out = ms_deform_attn_cpu.ms_deform_attn_cpu(*args)
+        out = ms_deform_attn_cpu(*args)
         if out is None:  # the kernel could not be built; ms_deform_attn_cpu has warned once
             out = ms_deform_attn_reference(*args)
     else:
-        from . import ms_deform_attn_triton
-        out = ms_deform_attn_triton.ms_deform_attn_triton(*args)
+        from .ms_deform_attn_triton import ms_deform_attn_triton  # imports triton
+        out = ms_deform_attn_triton(*args)
     return out.to(value.dtype)

@@ -252,8 +252,14 @@ def load() -> Optional[ctypes.CDLL]:
     _failed = True
     warnings.warn("detrkit: could not build the CPU kernel of ms_deform_attn; using the slower "
                   "grid_sample reference instead. " + "\n".join(errors), RuntimeWarning,
-                  stacklevel=3)
+                  stacklevel=4)
     return None
+
+
+def _num_threads(loc: Tensor) -> int:
+    # About 0.3 ms of work per thread at least: waking the thread pool costs more than that
+    # on small calls, and far more on a busy machine.
+    return max(1, min(torch.get_num_threads(), loc[..., 0].numel() // 16384))
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:
@@ -266,12 +272,16 @@ class _MSDeformAttnCPU(torch.autograd.Function):
                 sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
         B, S, M, D = value.shape
         _, Q, _, L, P, _ = sampling_locations.shape
+        ends = level_start_index + spatial_shapes.prod(1)
+        if (spatial_shapes < 1).any() or (level_start_index < 0).any() or (ends > S).any():
+            raise ValueError(f"ms_deform_attn: levels {spatial_shapes.tolist()} starting at "
+                             f"{level_start_index.tolist()} do not fit in {S} value tokens")
         tensors = (value.contiguous(), spatial_shapes.to(torch.int64).contiguous(),
                    level_start_index.to(torch.int64).contiguous(),
                    sampling_locations.contiguous(), attention_weights.contiguous())
         out = value.new_empty(B, Q, M, D)
         kernel = getattr(_lib, f"msda_forward_{_suffix(value.dtype)}")
-        kernel(*map(_ptr, tensors), _ptr(out), B, S, M, D, Q, L, P, torch.get_num_threads())
+        kernel(*map(_ptr, tensors), _ptr(out), B, S, M, D, Q, L, P, _num_threads(tensors[3]))
         ctx.save_for_backward(*tensors)
         return out.view(B, Q, M * D)
 
@@ -286,7 +296,7 @@ class _MSDeformAttnCPU(torch.autograd.Function):
         kernel = getattr(_lib, f"msda_backward_{_suffix(value.dtype)}")
         kernel(*map(_ptr, (value, shapes, starts, loc, attn, grad_out.contiguous(), grad_value,
                            grad_loc, grad_attn)),
-               B, S, M, D, Q, L, P, torch.get_num_threads())
+               B, S, M, D, Q, L, P, _num_threads(loc))
         return grad_value, None, None, grad_loc, grad_attn
 
 
@@ -297,7 +307,7 @@ def _suffix(dtype: torch.dtype) -> str:
 def ms_deform_attn_cpu(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                        sampling_locations: Tensor, attention_weights: Tensor) -> Optional[Tensor]:
     """Compiled-kernel path; float32 or float64 CPU tensors of one dtype, shapes as in
-    :func:`detrkit.ops.ms_deform_attn`. Returns (B, Q, M * D), or None if the kernel is unavailable."""
+    :func:`detrkit.ops.ms_deform_attn`. Returns (B, Q, M * D), or None without a kernel."""
     if load() is None:
         return None
     return _MSDeformAttnCPU.apply(value, spatial_shapes, level_start_index, sampling_locations,
