@@ -185,8 +185,12 @@ def load_yaml(path: str | Path, base: Config | None = None) -> Config:
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: cannot read config: {where}{getattr(e, 'problem', None) or e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections")
     cfg = base or Config()

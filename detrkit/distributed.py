@@ -41,6 +41,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (e.g. BatchNorm running statistics)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     """Average logged scalars over processes (for logging only; every rank gets the result)."""
     if not is_distributed() or not values:

@@ -28,7 +28,7 @@ from detrkit.config import Config, TrainConfig
 from detrkit.criterion import nonfinite_terms
 from detrkit.data.batch import collate
 from detrkit.data.coco import CategoryMap, CocoDetection
-from detrkit.errors import TrainingError
+from detrkit.errors import CheckpointError, TrainingError
 from detrkit.evaluation import CocoEvaluator
 from detrkit.postprocess import to_coco_results
 
@@ -192,9 +192,14 @@ class Run:
 
     def restore(self, path: str | Path) -> None:
         ckpt = checkpoint.latest_checkpoint(path)
-        checkpoint.load_state_dict_strict(self.model, checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE), str(ckpt))
-        state = json.loads((ckpt / checkpoint.STATE_FILE).read_text())
+        saved = checkpoint.read_config(ckpt).get("categories")
+        if saved is not None and CategoryMap.from_dict(saved) != self.categories:
+            # Same count, other ids or names: the weights would load and train on the wrong classes.
+            raise CheckpointError(f"{ckpt}: trained on categories {CategoryMap.from_dict(saved)}, "
+                                  f"but the dataset has {self.categories}")
+        state = checkpoint.read_state(ckpt)
         tensors = checkpoint.read_tensors(ckpt / checkpoint.OPTIMIZER_FILE)
+        checkpoint.load_state_dict_strict(self.model, checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE), str(ckpt))
         torch.set_rng_state(tensors.pop("rng.torch"))
         self.optimizer.load_state_dict(checkpoint.optimizer_from_tensors(tensors, state["optimizer"]))
         random.setstate(_tuples(state["rng_python"]))
@@ -269,6 +274,9 @@ class Run:
             else:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
             bar.close()
+            # DDP keeps gradients in step, not BatchNorm statistics: each process updates its own
+            # from its own batches. Rank 0's are the ones saved; evaluate with those everywhere.
+            distributed.broadcast_buffers(self.model)
             if distributed.is_main():
                 self.save()
             distributed.barrier()

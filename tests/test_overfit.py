@@ -1,0 +1,88 @@
+"""A tiny DETR learns four images by heart, and padding in a batch does not change its answers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detrkit
+from detrkit.data.coco import CocoDetection
+from detrkit.data.synth import SHAPES, shape_mask
+from detrkit.data.transforms import make_transforms
+from detrkit.engine import Run, evaluate
+
+CPU = torch.device("cpu")
+STEPS_PER_EPOCH = 50
+
+# (width, height), [(class, x, y, w, h)]: four sizes, so every batch of them is padded.
+IMAGES = [
+    ((80, 64), [(0, 8, 8, 40, 40), (1, 50, 20, 24, 36)]),
+    ((64, 80), [(1, 10, 30, 44, 40)]),
+    ((72, 72), [(2, 30, 6, 36, 30), (0, 4, 40, 28, 28)]),
+    ((96, 64), [(1, 4, 4, 30, 30), (2, 50, 24, 40, 36)]),
+]
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 80, 230)]
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four hand-placed images of large solid shapes on grey (category ids 1, 3, 5)."""
+    root = tmp_path_factory.mktemp("shapes")
+    (root / "images").mkdir()
+    images, annotations = [], []
+    for i, ((w, h), objects) in enumerate(IMAGES):
+        pixels = np.full((h, w, 3), 128, np.uint8)
+        for cls, x, y, bw, bh in objects:
+            pixels[y:y + bh, x:x + bw][shape_mask(SHAPES[cls], bw, bh)] = COLOURS[cls]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 2 * cls + 1,
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+    categories = [{"id": 2 * k + 1, "name": SHAPES[k]} for k in range(len(COLOURS))]
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def overfit_run(shapes_root, tiny_config, tmp_path_factory) -> Path:
+    """A run folder after 100 full-batch steps on the four images (no augmentation, fixed seed)."""
+    cfg = tiny_config("data.train_scales=[64]", "data.hflip=false", "data.random_crop=false",
+                      "train.batch_size=4", "train.epochs=2", "train.lr=1e-3", "train.lr_backbone=1e-3",
+                      "train.eval_every=0", "train.seed=0")
+    train = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
+                          make_transforms(cfg.data, train=True))
+    repeated = torch.utils.data.ConcatDataset([train] * STEPS_PER_EPOCH)  # an epoch of 50 steps
+    run_dir = tmp_path_factory.mktemp("overfit")
+    Run(cfg, train.categories, run_dir, CPU).train(repeated, None, log_every=STEPS_PER_EPOCH, echo=lambda s: None)
+    return run_dir
+
+
+def test_tiny_model_overfits_four_images(overfit_run, shapes_root):
+    detector = detrkit.load(overfit_run, "cpu")
+    dataset = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
+                            make_transforms(detector.cfg.data, train=False))
+    stats = evaluate(detector.model, detector.postprocess, dataset, detector.categories, CPU, batch_size=4)
+    assert stats["AP50"] >= 0.9, stats
+
+
+def test_image_alone_and_padded_in_a_batch_give_the_same_detections(overfit_run, shapes_root):
+    detector = detrkit.load(overfit_run, "cpu")
+    paths = [shapes_root / "images" / f"{i}.png" for i in range(len(IMAGES))]
+    alone = [detector.predict(p, threshold=0.3) for p in paths]
+    batched = detector.predict(paths, threshold=0.3, batch_size=len(paths))  # padded to 96 x 80
+    confident = 0
+    for (_, objects), a, b in zip(IMAGES, alone, batched):
+        for first, second in ((a, b), (b, a)):
+            for box, score, label in zip(first.boxes, first.scores, first.labels):
+                if score < 0.7:
+                    continue
+                confident += 1
+                same = (second.labels == label) & ((second.boxes - box).abs().max(-1).values <= 2.0)
+                assert same.any(), (box, label, second.boxes, second.labels)
+        assert (a.scores >= 0.7).sum() >= len(objects)  # the model learnt every object
+    assert confident >= 2 * sum(len(objects) for _, objects in IMAGES)
