@@ -54,9 +54,9 @@ class FrozenBatchNorm2d(nn.Module):
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(conv(x))``. A frozen batch norm is folded into the convolution (weight * scale, bias
-    shift): one pass over the feature map instead of three. The weight takes the layout of ``x``
-    (channels-last on CPU, see ``Backbone.forward``), which oneDNN then uses without reordering
-    weights or gradients between the two layouts."""
+    shift): one pass over the feature map instead of three. The weight takes the memory layout of
+    ``x`` (channels-last on CPU, see ``Backbone.forward``), which measured faster than mixing
+    layouts (bench/detr.py)."""
     weight, bias = conv.weight, None
     if isinstance(norm, FrozenBatchNorm2d):
         scale, shift = norm.scale_shift()
@@ -95,7 +95,7 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = conv_norm(self.conv2, self.bn2, out)
-        return self.relu(out + identity)
+        return self.relu(out.add_(identity))
 
 
 class Bottleneck(nn.Module):
@@ -121,7 +121,7 @@ class Bottleneck(nn.Module):
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = self.relu(conv_norm(self.conv2, self.bn2, out))
         out = conv_norm(self.conv3, self.bn3, out)
-        return self.relu(out + identity)
+        return self.relu(out.add_(identity))
 
 
 class ResNet(nn.Module):
