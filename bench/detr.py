@@ -1,4 +1,5 @@
-"""Time detrkit's DETR against HuggingFace transformers' ``DetrForObjectDetection``, side by side.
+"""Time detrkit against HuggingFace transformers, side by side: DETR against ``DetrForObjectDetection``,
+Deformable DETR against ``DeformableDetrForObjectDetection``.
 
 Both sides are built with random weights from the same configuration (nothing is downloaded):
 the same ResNet (transformers' own ResNet on the HF side), d_model, heads, layers, FFN width,
@@ -22,14 +23,14 @@ checks that both sides train the same number of parameters:
 Left as they are on the HF side: dropout on the encoder's input, a finiteness check after every
 encoder layer in training, no attention mask when nothing is padded.
 
-    python bench/detr.py                                  # both presets, wall clock
+    python bench/detr.py                                  # DETR and Deformable DETR presets, wall clock
+    python bench/detr.py --models deformable_detr_r50
     python bench/detr.py --models detr_r50 --reps 9
     OMP_WAIT_POLICY=PASSIVE python bench/detr.py --clock cpu   # on a busy machine
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import time
@@ -42,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detrkit.build import build_criterion, build_model  # noqa: E402
 from detrkit.config import Config  # noqa: E402
+from detrkit.data.coco import CategoryMap  # noqa: E402
 from detrkit.engine import make_optimizer  # noqa: E402
+from detrkit.interop.hf import hf_config as export_config  # noqa: E402
 from detrkit.presets import preset  # noqa: E402
 
 SIZE = 512
@@ -52,52 +55,46 @@ BOXES_PER_IMAGE = 5
 
 # ---------------------------------------------------------------- HuggingFace side
 
-def hf_config(cfg: Config):
-    """A transformers ``DetrConfig`` equal to detrkit's ``cfg`` (transformers ResNet backbone)."""
-    from transformers import DetrConfig, ResNetConfig
+def hf_config(cfg: Config, model: nn.Module):
+    """A transformers ``DetrConfig`` / ``DeformableDetrConfig`` equal to detrkit's ``cfg`` (transformers
+    ResNet backbone): the export config of ``detrkit.interop``, plus the training settings."""
+    from transformers import DeformableDetrConfig, DetrConfig, ResNetConfig
 
-    m, t = cfg.model, cfg.model.transformer
-    arch = {"resnet18": ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
-            "resnet34": ("basic", [3, 4, 6, 3], [64, 128, 256, 512]),
-            "resnet50": ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048]),
-            "resnet101": ("bottleneck", [3, 4, 23, 3], [256, 512, 1024, 2048])}
-    layer_type, depths, hidden_sizes = arch[m.backbone.name]
-    backbone = ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=hidden_sizes,
-                            out_features=["stage4"])
-    return DetrConfig(
-        backbone_config=backbone, use_pretrained_backbone=False, num_labels=m.num_classes,
-        num_queries=m.num_queries, d_model=t.d_model,
-        encoder_layers=t.num_encoder_layers, decoder_layers=t.num_decoder_layers,
-        encoder_attention_heads=t.nheads, decoder_attention_heads=t.nheads,
-        encoder_ffn_dim=t.dim_feedforward, decoder_ffn_dim=t.dim_feedforward,
+    categories = CategoryMap(list(range(1, NUM_CLASSES + 1)), [str(i) for i in range(NUM_CLASSES)])
+    values = export_config(model, cfg, categories, "hf")
+    dropout = cfg.model.transformer.dropout
+    values.update(
         # DETR's dropout sits on the attention weights, inside the FFN and on every residual.
-        dropout=t.dropout, attention_dropout=t.dropout, activation_dropout=t.dropout,
-        auxiliary_loss=m.aux_loss, position_embedding_type=m.position_embedding,
+        dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+        auxiliary_loss=cfg.model.aux_loss,
         # DetrConfig types these as int
         class_cost=int(cfg.matcher.cost_class), bbox_cost=int(cfg.matcher.cost_bbox),
         giou_cost=int(cfg.matcher.cost_giou), bbox_loss_coefficient=int(cfg.loss.bbox_coef),
-        giou_loss_coefficient=int(cfg.loss.giou_coef),
-        eos_coefficient=cfg.loss.eos_coef)
+        giou_loss_coefficient=int(cfg.loss.giou_coef), eos_coefficient=cfg.loss.eos_coef,
+        focal_alpha=cfg.loss.focal_alpha)
+    for key in ("architectures", "model_type", "detrkit_category_ids"):
+        values.pop(key)
+    values["backbone_config"] = ResNetConfig(**{k: v for k, v in values["backbone_config"].items() if k != "model_type"})
+    return (DetrConfig if cfg.model.arch == "detr" else DeformableDetrConfig)(**values)
 
 
 def _unfreeze_batch_norm(module: nn.Module) -> None:
     """Put trainable ``nn.BatchNorm2d`` back where transformers swapped in its frozen BN."""
-    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
-
     for name, child in module.named_children():
-        if isinstance(child, DetrFrozenBatchNorm2d):
+        if type(child).__name__.endswith("FrozenBatchNorm2d"):
             setattr(module, name, nn.BatchNorm2d(child.weight.numel()))
         else:
             _unfreeze_batch_norm(child)
 
 
-def build_hf(cfg: Config) -> nn.Module:
-    """transformers' DETR with random weights and detrkit's backbone recipe: frozen BN with the
+def build_hf(cfg: Config, model: nn.Module) -> nn.Module:
+    """transformers' model with random weights and detrkit's backbone recipe: frozen BN with the
     listed parts frozen (``frozen_bn``), or trainable BN with everything trained (``bn``)."""
-    from transformers import DetrForObjectDetection
+    from transformers import DeformableDetrForObjectDetection, DetrForObjectDetection
 
-    model = DetrForObjectDetection(hf_config(cfg))
-    backbone = model.model.backbone.model  # transformers ResNetBackbone
+    hf_class = DetrForObjectDetection if cfg.model.arch == "detr" else DeformableDetrForObjectDetection
+    hf = hf_class(hf_config(cfg, model))
+    backbone = next(m for m in hf.modules() if type(m).__name__ == "ResNetBackbone")
     if cfg.model.backbone.norm == "bn":
         _unfreeze_batch_norm(backbone)
     # HF names: embedder.* is the stem, encoder.stages.{0..3}.* are layer1..layer4.
@@ -105,20 +102,7 @@ def build_hf(cfg: Config) -> nn.Module:
     for name, p in backbone.named_parameters():
         part = next(v for k, v in parts.items() if name.startswith(k))
         p.requires_grad_(cfg.model.backbone.train and part not in cfg.model.backbone.frozen)
-    return model
-
-
-def hf_optimizer(model: nn.Module, cfg: Config, like: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimiser of ``like`` (detrkit's, with all its settings) over HF's parameters, with
-    detrkit's two learning rates."""
-    backbone, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (backbone if name.startswith("model.backbone.") else rest).append(p)
-    accepted = inspect.signature(type(like)).parameters
-    settings = {k: v for k, v in like.defaults.items() if k in accepted}
-    return type(like)([{"params": rest, "lr": cfg.train.lr}, {"params": backbone, "lr": cfg.train.lr_backbone}],
-                      **settings)
+    return hf
 
 
 # ---------------------------------------------------------------- steps
@@ -176,9 +160,11 @@ class Detrkit(Side):
 
 
 class HF(Side):
-    def __init__(self, cfg: Config, like: torch.optim.Optimizer):
-        model = build_hf(cfg)
-        super().__init__("transformers", model, hf_optimizer(model, cfg, like), cfg.train.clip_max_norm)
+    def __init__(self, cfg: Config, ours: nn.Module):
+        model = build_hf(cfg, ours)
+        # detrkit's optimiser and learning-rate groups over HF's parameters
+        super().__init__("transformers", model, make_optimizer(model, cfg.train, backbone_prefix="model.backbone."),
+                         cfg.train.clip_max_norm)
 
     @torch.no_grad()
     def infer(self, images, mask, targets) -> None:
@@ -201,7 +187,7 @@ def bench_model(name: str, reps: dict[str, int], warmup: int, clock) -> list[tup
     cfg.model.num_classes = NUM_CLASSES
     torch.manual_seed(0)
     ours = Detrkit(cfg)
-    sides = [ours, HF(cfg, like=ours.optimizer)]
+    sides = [ours, HF(cfg, ours.model)]
     for s in sides:
         print(f"  {name} {s.name:12s} params {count(s.model) / 1e6:6.2f}M, "
               f"trainable {count(s.model, True) / 1e6:6.2f}M", flush=True)
@@ -229,7 +215,8 @@ def bench_model(name: str, reps: dict[str, int], warmup: int, clock) -> list[tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="detr_small,detr_r50", help="comma-separated detrkit presets")
+    parser.add_argument("--models", default="detr_small,detr_r50,deformable_detr_small,deformable_detr_r50",
+                        help="comma-separated detrkit presets")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per side (median reported)")
     parser.add_argument("--train-reps", type=int, default=None, help="repetitions for the train step (default --reps)")
     parser.add_argument("--warmup", type=int, default=1)

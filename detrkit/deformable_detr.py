@@ -45,8 +45,6 @@ class DeformableDETR(nn.Module):
         nn.init.constant_(class_embed.bias, -math.log((1 - prior) / prior))
         nn.init.zeros_(bbox_embed.layers[-1].weight)
         nn.init.zeros_(bbox_embed.layers[-1].bias)
-        # start from small boxes (sigmoid(-2) = 0.12) unless the reference already is a box
-        nn.init.constant_(bbox_embed.layers[-1].bias[2:], 0.0 if two_stage else -2.0)
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)  # two-stage: + the encoder's
         if with_box_refine:
             self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
@@ -55,8 +53,12 @@ class DeformableDETR(nn.Module):
         else:  # the same heads for every layer
             self.class_embed = nn.ModuleList([class_embed] * num_pred)
             self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+        # The first layer predicts from a point: start it on small boxes (sigmoid(-2) = 0.12). Later
+        # refining layers, and every layer of the two-stage model, start from a box and keep it.
         if two_stage:
             transformer.decoder.class_embed = self.class_embed
+        else:
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
 
     def features(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """The L projected feature maps (B, d, H_l, W_l) and their padding masks (B, H_l, W_l)."""

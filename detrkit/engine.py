@@ -98,20 +98,22 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the backbone at its own (lower) learning rate, Deformable DETR's sampling offsets
-    and reference-point projection at ``lr * lr_linear_proj_mult``; frozen parameters left out."""
+def param_lr(name: str, cfg: TrainConfig, backbone_prefix: str = "backbone.") -> float:
+    """The learning rate of parameter ``name``: the backbone at its own (lower) rate, Deformable
+    DETR's sampling offsets and reference-point projection at ``lr * lr_linear_proj_mult``."""
+    if name.startswith(backbone_prefix):
+        return cfg.lr_backbone
+    if any(key in name for key in LINEAR_PROJ_NAMES):
+        return cfg.lr * cfg.lr_linear_proj_mult
+    return cfg.lr
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, backbone_prefix: str = "backbone.") -> torch.optim.Optimizer:
+    """AdamW with one group per learning rate (:func:`param_lr`); frozen parameters left out."""
     groups: dict[float, list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("backbone."):
-            lr = cfg.lr_backbone
-        elif any(key in name for key in LINEAR_PROJ_NAMES):
-            lr = cfg.lr * cfg.lr_linear_proj_mult
-        else:
-            lr = cfg.lr
-        groups.setdefault(lr, []).append(p)
+        if p.requires_grad:
+            groups.setdefault(param_lr(name, cfg, backbone_prefix), []).append(p)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for lr, ps in groups.items()],
                              lr=cfg.lr, weight_decay=cfg.weight_decay)
 

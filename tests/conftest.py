@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from detrkit.data.synth import generate
 
@@ -47,3 +48,24 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides() -> list[str]:
     """TINY_OVERRIDES, as ``--set`` arguments of ``detrkit train``."""
     return [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint():
+    """A factory: ``untrained_checkpoint(preset, synth_root, out, max_size)`` saves an untrained
+    1+2-layer model (d_model 32, 10 queries) seeing images at 64 px, and returns its folder."""
+    from detrkit.build import build_model
+    from detrkit.checkpoint import save_model
+    from detrkit.config import TransformerConfig
+    from detrkit.data.coco import CocoDetection, resolve_split
+
+    def make(preset, root: Path, out: Path, max_size: int = 96) -> Path:
+        torch.manual_seed(0)
+        categories = CocoDetection(*resolve_split(root, "val")).categories
+        cfg = preset()
+        cfg.model.num_classes, cfg.model.num_queries = len(categories), 10
+        cfg.model.transformer = TransformerConfig(d_model=32, nheads=4, num_encoder_layers=1,
+                                                  num_decoder_layers=2, dim_feedforward=64, dropout=0.0)
+        cfg.data.val_scale, cfg.data.max_size = 64, max_size
+        return save_model(out, build_model(cfg).eval(), cfg.to_dict(), categories.to_dict())
+    return make

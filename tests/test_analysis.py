@@ -34,22 +34,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_checkpoint(preset, synth_root: Path, out: Path) -> Path:
-    """An untrained 1+2-layer model (d_model 32, 10 queries) seeing images at 64 px."""
-    torch.manual_seed(0)
-    categories = CocoDetection(*resolve_split(synth_root, "val")).categories
-    cfg = preset()
-    cfg.model.num_classes, cfg.model.num_queries = len(categories), 10
-    cfg.model.transformer = TransformerConfig(d_model=32, nheads=4, num_encoder_layers=1, num_decoder_layers=2,
-                                              dim_feedforward=64, dropout=0.0)
-    cfg.data.val_scale, cfg.data.max_size = 64, 96
-    return save_model(out, build_model(cfg).eval(), cfg.to_dict(), categories.to_dict())
-
-
 @pytest.fixture(scope="module", params=["detr", "deformable_detr"])
-def checkpoint(request: pytest.FixtureRequest, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(request: pytest.FixtureRequest, synth_root: Path, tmp_path_factory: pytest.TempPathFactory,
+               untrained_checkpoint) -> Path:
     preset = detr_small if request.param == "detr" else deformable_detr_small
-    return tiny_checkpoint(preset, synth_root, tmp_path_factory.mktemp("analysis") / request.param)
+    return untrained_checkpoint(preset, synth_root, tmp_path_factory.mktemp("analysis") / request.param)
 
 
 @pytest.fixture(scope="module")

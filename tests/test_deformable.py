@@ -85,6 +85,10 @@ def test_variants_have_the_paper_structure(name):
         out = model(torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool))
     assert out["pred_logits"].shape == (1, 10, 3) and out["pred_boxes"].shape == (1, 10, 4)
     assert ("enc_outputs" in out) == cfg.model.two_stage
+    # the box heads' (w, h) bias: -2 (small boxes) only where a layer starts from a point, 0 where from a box
+    size_bias = [h.layers[-1].bias[2:].tolist() for h in model.bbox_embed]
+    first = [0.0, 0.0] if cfg.model.two_stage else [-2.0, -2.0]
+    assert size_bias[0] == first and all(b == [0.0, 0.0] for b in size_bias[1:]) or not cfg.model.with_box_refine
     # the focal prior: every class starts near probability 0.01
     assert abs(torch.sigmoid(model.class_embed[0].bias).mean().item() - 0.01) < 1e-4
 

@@ -96,3 +96,35 @@ def test_image_alone_and_padded_in_a_batch_give_the_same_detections(overfit_run,
                 assert same.any(), (box, label, second.boxes, second.labels)
         assert (a.scores >= 0.7).sum() >= len(objects)  # the model learnt every object
     assert confident >= 2 * sum(len(objects) for _, objects in IMAGES)
+
+
+# ---------------------------------------------------------------- Deformable DETR variants
+
+DEFORMABLE_OVERRIDES = [
+    "model.transformer.d_model=64", "model.transformer.nheads=4", "model.transformer.dim_feedforward=128",
+    "model.transformer.num_encoder_layers=1", "model.transformer.num_decoder_layers=3", "model.num_queries=10",
+    "data.train_scales=[96]", "data.val_scale=96", "data.max_size=128", "data.hflip=false",
+    "data.random_crop=false", "data.num_workers=0", "train.batch_size=4", "train.epochs=3", "train.lr=1e-3",
+    "train.lr_backbone=1e-3", "train.eval_every=0", "train.seed=0",
+]
+
+
+@pytest.fixture(scope="module", params=["deformable_detr_small", "deformable_detr_small_refine",
+                                        "deformable_detr_small_two_stage"])
+def deformable_run(request, shapes_root, tmp_path_factory) -> Path:
+    from detrkit import config, presets
+    cfg = config.apply_overrides(presets.preset(request.param), DEFORMABLE_OVERRIDES)
+    train = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
+                          make_transforms(cfg.data, train=True))
+    repeated = torch.utils.data.ConcatDataset([train] * STEPS_PER_EPOCH)
+    run_dir = tmp_path_factory.mktemp(request.param)
+    Run(cfg, train.categories, run_dir, CPU).train(repeated, None, log_every=STEPS_PER_EPOCH, echo=lambda s: None)
+    return run_dir
+
+
+def test_every_deformable_variant_overfits_four_images(deformable_run, shapes_root):
+    detector = detrkit.load(deformable_run, "cpu")
+    dataset = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
+                            make_transforms(detector.cfg.data, train=False))
+    stats = evaluate(detector.model, detector.postprocess, dataset, detector.categories, CPU, batch_size=4)
+    assert stats["AP50"] >= 0.9, stats

@@ -204,22 +204,11 @@ def test_viz_predictions_cli_still_draws_images(checkpoint: Path, synth_root: Pa
 # ---------------------------------------------------------------- decoder stages
 
 
-def tiny_model_checkpoint(preset, synth_root: Path, out: Path) -> Path:
-    """An untrained 1+2-layer model (d_model 32, 10 queries) seeing images at 64 px."""
-    torch.manual_seed(0)
-    categories = CocoDetection(*resolve_split(synth_root, "val")).categories
-    cfg = preset()
-    cfg.model.num_classes, cfg.model.num_queries = len(categories), 10
-    cfg.model.transformer = TransformerConfig(d_model=32, nheads=4, num_encoder_layers=1, num_decoder_layers=2,
-                                              dim_feedforward=64, dropout=0.0)
-    cfg.data.val_scale, cfg.data.max_size = 64, 128
-    return save_model(out, build_model(cfg).eval(), cfg.to_dict(), categories.to_dict())
-
-
 @pytest.fixture(scope="module", params=["detr_small", "deformable_detr_small"])
 def staged_checkpoint(request: pytest.FixtureRequest, synth_root: Path,
-                      tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model_checkpoint(PRESETS[request.param], synth_root, tmp_path_factory.mktemp(request.param) / "model")
+                      tmp_path_factory: pytest.TempPathFactory, untrained_checkpoint) -> Path:
+    return untrained_checkpoint(PRESETS[request.param], synth_root, tmp_path_factory.mktemp(request.param) / "model",
+                                max_size=128)
 
 
 def test_stage_detections_are_each_stages_postprocessed_predictions(staged_checkpoint: Path):
@@ -316,9 +305,10 @@ def test_sampling_locations_at_initialisation_are_the_papers_ring():
 
 
 @pytest.fixture(scope="module")
-def deformable_detector(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Detector:
-    return detrkit.load(tiny_model_checkpoint(PRESETS["deformable_detr_small_refine"], synth_root,
-                                              tmp_path_factory.mktemp("refine") / "model"), "cpu")
+def deformable_detector(synth_root: Path, tmp_path_factory: pytest.TempPathFactory,
+                        untrained_checkpoint) -> Detector:
+    return detrkit.load(untrained_checkpoint(PRESETS["deformable_detr_small_refine"], synth_root,
+                                             tmp_path_factory.mktemp("refine") / "model", max_size=128), "cpu")
 
 
 @pytest.mark.parametrize("layer", [0, -1])
