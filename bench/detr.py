@@ -74,6 +74,8 @@ def hf_config(cfg: Config, model: nn.Module):
         focal_alpha=cfg.loss.focal_alpha)
     for key in ("architectures", "model_type", "detrkit_category_ids"):
         values.pop(key)
+    if not cfg.model.with_box_refine:  # transformers shares the heads between layers only when tying
+        values.pop("tie_word_embeddings", None)
     values["backbone_config"] = ResNetConfig(**{k: v for k, v in values["backbone_config"].items() if k != "model_type"})
     return (DetrConfig if cfg.model.arch == "detr" else DeformableDetrConfig)(**values)
 
