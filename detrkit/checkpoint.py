@@ -132,7 +132,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [f"{k} file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+              for k in own if k in state_dict and own[k].shape != state_dict[k].shape]  # model order
     if missing or unexpected or shapes:
         def show(items: list[str]) -> str:
             return ", ".join(items[:10]) + (", ..." if len(items) > 10 else "")
