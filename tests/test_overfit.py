@@ -64,19 +64,28 @@ def overfit_run(shapes_root, tiny_config, tmp_path_factory) -> Path:
     cfg = tiny_config("data.train_scales=[64]", "data.hflip=false", "data.random_crop=false",
                       "train.batch_size=4", "train.epochs=2", "train.lr=1e-3", "train.lr_backbone=1e-3",
                       "train.eval_every=0", "train.seed=0")
+    return train_on_shapes(cfg, shapes_root, tmp_path_factory.mktemp("overfit"))
+
+
+def train_on_shapes(cfg, shapes_root: Path, run_dir: Path) -> Path:
+    """Train ``cfg`` on the four images, STEPS_PER_EPOCH full batches per epoch; return the run folder."""
     train = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
                           make_transforms(cfg.data, train=True))
-    repeated = torch.utils.data.ConcatDataset([train] * STEPS_PER_EPOCH)  # an epoch of 50 steps
-    run_dir = tmp_path_factory.mktemp("overfit")
+    repeated = torch.utils.data.ConcatDataset([train] * STEPS_PER_EPOCH)
     Run(cfg, train.categories, run_dir, CPU).train(repeated, None, log_every=STEPS_PER_EPOCH, echo=lambda s: None)
     return run_dir
 
 
-def test_tiny_model_overfits_four_images(overfit_run, shapes_root):
-    detector = detrkit.load(overfit_run, "cpu")
+def stats_on_shapes(run_dir: Path, shapes_root: Path) -> dict:
+    """COCO stats of the run's model on the four images it learnt."""
+    detector = detrkit.load(run_dir, "cpu")
     dataset = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
                             make_transforms(detector.cfg.data, train=False))
-    stats = evaluate(detector.model, detector.postprocess, dataset, detector.categories, CPU, batch_size=4)
+    return evaluate(detector.model, detector.postprocess, dataset, detector.categories, CPU, batch_size=4)
+
+
+def test_tiny_model_overfits_four_images(overfit_run, shapes_root):
+    stats = stats_on_shapes(overfit_run, shapes_root)
     assert stats["AP50"] >= 0.9, stats
 
 
@@ -114,17 +123,9 @@ DEFORMABLE_OVERRIDES = [
 def deformable_run(request, shapes_root, tmp_path_factory) -> Path:
     from detrkit import config, presets
     cfg = config.apply_overrides(presets.preset(request.param), DEFORMABLE_OVERRIDES)
-    train = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
-                          make_transforms(cfg.data, train=True))
-    repeated = torch.utils.data.ConcatDataset([train] * STEPS_PER_EPOCH)
-    run_dir = tmp_path_factory.mktemp(request.param)
-    Run(cfg, train.categories, run_dir, CPU).train(repeated, None, log_every=STEPS_PER_EPOCH, echo=lambda s: None)
-    return run_dir
+    return train_on_shapes(cfg, shapes_root, tmp_path_factory.mktemp(request.param))
 
 
 def test_every_deformable_variant_overfits_four_images(deformable_run, shapes_root):
-    detector = detrkit.load(deformable_run, "cpu")
-    dataset = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
-                            make_transforms(detector.cfg.data, train=False))
-    stats = evaluate(detector.model, detector.postprocess, dataset, detector.categories, CPU, batch_size=4)
+    stats = stats_on_shapes(deformable_run, shapes_root)
     assert stats["AP50"] >= 0.9, stats
