@@ -41,10 +41,6 @@ def build_model(cfg: Config) -> nn.Module:
     if m.two_stage and not m.with_box_refine:
         raise ConfigError("model.two_stage needs model.with_box_refine (the encoder's proposals are "
                           "refined by the decoder's per-layer heads)")
-    if m.recollection != "none" and m.with_box_refine and not m.two_stage:
-        # recollected initial queries carry 2-d reference points, refined groups carry boxes
-        raise ConfigError("model.recollection with with_box_refine needs two_stage (reference boxes from "
-                          "the start); use recollection without refinement, or the two-stage variant")
     if d_model % 32:
         raise ConfigError(f"model.transformer.d_model: {d_model} must be a multiple of 32 (GroupNorm(32) projections)")
     # C3-C5 (strides 8, 16, 32); the levels beyond them are stride-2 convs on C5

@@ -112,13 +112,19 @@ class DeformableTransformerDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout4(ffn))
 
 
+def as_boxes(reference: Tensor) -> Tensor:
+    """(..., 2) centres -> (..., 4) boxes of size 0.5 (zero in inverse-sigmoid space), which
+    :func:`refine_boxes` treats exactly like the centres; (..., 4) boxes pass unchanged."""
+    if reference.shape[-1] == 4:
+        return reference
+    return torch.cat([reference, torch.full_like(reference, 0.5)], -1)
+
+
 def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
     """Iterative box refinement: the head predicts a correction in inverse-sigmoid space.
 
     delta: (..., 4); reference: (..., 2) centres or (..., 4) boxes in [0, 1] -> boxes (..., 4) in [0, 1]."""
-    if reference.shape[-1] == 4:
-        return (delta + inverse_sigmoid(reference)).sigmoid()
-    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+    return (delta + inverse_sigmoid(as_boxes(reference))).sigmoid()
 
 
 class DeformableTransformerDecoder(nn.Module):
@@ -152,15 +158,16 @@ class DeformableTransformerDecoder(nn.Module):
                 spatial_shapes: Tensor, level_start_index: Tensor, ratios: Tensor,
                 memory_mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[int]]:
         """tgt, query_pos: (B, N, d); reference_points: (B, N, 2 or 4). Per stage i, returns its output
-        (B, G_i*N, d) for its G_i query groups (1 at inference), the reference points it started from
-        (B, G_i*N, 2 or 4; with refinement the first stage's are 2-d and later ones boxes), and G_i."""
+        (B, G_i*N, d) for its G_i query groups (1 at inference), the reference boxes it started from
+        (B, G_i*N, 4; 2-d reference points as :func:`as_boxes`), and G_i."""
         def stage(i: int, state: State, num_groups: int) -> State:
             return self.stage(i, *state, query_pos.repeat(1, num_groups, 1), memory, spatial_shapes,
                               level_start_index, ratios, memory_mask, num_groups)
 
         mode = self.recollection if self.training else "none"
         stages = run_stages(stage, (tgt, reference_points), self.num_layers, mode, self.recurrent_steps)
-        return [s.outputs[0] for s in stages], [s.inputs[1] for s in stages], [s.num_groups for s in stages]
+        references = [torch.cat([as_boxes(r) for _, r in s.inputs], 1) for s in stages]
+        return [s.outputs[0] for s in stages], references, [s.num_groups for s in stages]
 
 
 def proposal_pos_embed(boxes: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:

@@ -74,25 +74,46 @@ def group_counts(num_layers: int, mode: str, recurrent_steps: int = 0) -> list[i
 
 
 class Stage(NamedTuple):
-    inputs: State  # what entered the stage, (B, G*N, ...) each
-    outputs: State  # what it produced
+    inputs: list[State]  # what entered the stage: the recollected parts, newest first, (B, G_j*N, ...) each
+    outputs: State  # what it produced, (B, G*N, ...) each
     num_groups: int
 
 
 def run_stages(stage: Callable[[int, State, int], State], initial: State, num_layers: int, mode: str,
                recurrent_steps: int = 0) -> list[Stage]:
     """Run ``stage(layer, state, num_groups)`` for every stage (see :func:`num_stages`), feeding
-    each the groups that ``mode`` recollects. Returns what every stage saw and produced."""
+    each the groups that ``mode`` recollects. Returns what every stage saw and produced.
+
+    The fed groups are concatenated along the query axis and go through the stage in one call.
+    Groups whose states differ in shape (one-stage refinement: the initial queries carry 2-d
+    reference points, refined ones boxes) go through it in separate calls, which gives the same
+    result because groups never interact."""
     produced: list[tuple[State, int]] = [(initial, 1)]
     stages = []
     for i in range(1, num_stages(num_layers, mode, recurrent_steps) + 1):
         fed = [produced[j] for j in sources(i, mode, num_layers)]
-        state = fed[0][0] if len(fed) == 1 else tuple(torch.cat(parts, 1) for parts in zip(*(s for s, _ in fed)))
+        layer = layer_index(i - 1, num_layers)
+        outs = [stage(layer, _cat([s for s, _ in run]), sum(g for _, g in run)) for run in _same_shape_runs(fed)]
+        out = _cat(outs)
         num_groups = sum(g for _, g in fed)
-        out = stage(layer_index(i - 1, num_layers), state, num_groups)
-        stages.append(Stage(state, out, num_groups))
+        stages.append(Stage([s for s, _ in fed], out, num_groups))
         produced.append((out, num_groups))
     return stages
+
+
+def _cat(states: list[State]) -> State:
+    return states[0] if len(states) == 1 else tuple(torch.cat(parts, 1) for parts in zip(*states))
+
+
+def _same_shape_runs(fed: list[tuple[State, int]]) -> list[list[tuple[State, int]]]:
+    """Consecutive fed parts whose tensors have the same trailing shapes, so they can be concatenated."""
+    runs: list[list[tuple[State, int]]] = []
+    for part in fed:
+        if runs and all(a.shape[2:] == b.shape[2:] for a, b in zip(runs[-1][-1][0], part[0])):
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return runs
 
 
 PER_LAYER = ("transformer.decoder.layers.", "class_embed.", "bbox_embed.",

@@ -48,8 +48,27 @@ def test_run_stages_feeds_each_stage_the_recollected_groups():
     stages = run_stages(stage, (torch.zeros(1, 2, 1),), 4, "sqr")
     assert [g for _, _, g in seen] == [1, 2, 3, 5] and [n for _, n, _ in seen] == [2, 4, 6, 10]
     # stage 3 sees stage 2's two groups (depths 2, 1) then stage 1's one group (depth 1)
-    depths = stages[2].inputs[0][0, ::2, 0].tolist()
+    depths = torch.cat([part[0] for part in stages[2].inputs], 1)[0, ::2, 0].tolist()
     assert depths == [2, 1, 1]
+
+
+def test_run_stages_runs_groups_of_different_shapes_in_separate_calls():
+    # one-stage refinement: the initial queries carry 2-d points, every stage's outputs 4-d boxes
+    calls = []
+
+    def stage(i, state, g):
+        calls.append((i, state[1].shape[-1], g))
+        boxes = torch.cat([state[1][..., :2], state[1][..., :2]], -1) if state[1].shape[-1] == 2 else state[1]
+        return state[0] + 1, boxes + 1
+
+    initial = (torch.zeros(1, 2, 1), torch.zeros(1, 2, 2))
+    stages = run_stages(stage, initial, 3, "dqr")
+    # stage 2 gets stage 1's boxes and the initial points: two calls; stage 3 stage 2's 2 groups
+    # and stage 1's 1 (boxes, one call) then the initial points (another call)
+    assert calls == [(0, 2, 1), (1, 4, 1), (1, 2, 1), (2, 4, 3), (2, 2, 1)]
+    assert [s.num_groups for s in stages] == [1, 2, 4]
+    assert stages[2].outputs[0][0, ::2, 0].tolist() == [3, 2, 2, 1]
+    assert stages[2].outputs[1].shape == (1, 8, 4)
 
 
 def _perturb_one_group(layer_fn, num_groups=3, n=5, d=32):
@@ -104,7 +123,8 @@ def _batch():
     return images, mask, targets
 
 
-@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small", "deformable_detr_small_two_stage"])
+@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small", "deformable_detr_small_refine",
+                                         "deformable_detr_small_two_stage"])
 @pytest.mark.parametrize("mode", ["sqr", "dqr", "recurrent"])
 def test_every_group_is_matched_and_supervised_on_its_own(preset_name, mode):
     cfg = _tiny(preset_name, mode)
@@ -124,12 +144,27 @@ def test_every_group_is_matched_and_supervised_on_its_own(preset_name, mode):
     losses["loss"].backward()
 
 
-def test_one_stage_refinement_cannot_recollect_the_initial_points():
-    with pytest.raises(ConfigError, match="model.recollection"):
-        build_model(_tiny("deformable_detr_small_refine", "sqr"))
+@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_refine", "deformable_detr_small_two_stage"])
+def test_group_zero_follows_the_baseline_path_in_training(preset_name):
+    torch.manual_seed(0)
+    sqr = build_model(_tiny(preset_name, "dqr")).train()  # dropout is 0: training is deterministic
+    with torch.no_grad():  # move the zero-initialised box heads, so every stage changes the boxes
+        for p in sqr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base = build_model(_tiny(preset_name, "none")).train()
+    base.load_state_dict(sqr.state_dict())
+    images, mask, _ = _batch()
+    a, b = sqr(images, mask), base(images, mask)
+    n = b["pred_boxes"].shape[1]
+    assert a["pred_boxes"].shape[1] == n  # the last stage's newest group; the others are aux outputs
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
+    # stage 2's groups: stage 1's output (the baseline's first aux output) and the initial queries
+    stage2 = [o for o in a["aux_outputs"]][1:3]
+    torch.testing.assert_close(stage2[0]["pred_boxes"], b["aux_outputs"][1]["pred_boxes"])
+    assert not torch.allclose(stage2[1]["pred_boxes"], stage2[0]["pred_boxes"])
 
 
-@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_two_stage"])
+@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_refine", "deformable_detr_small_two_stage"])
 def test_inference_of_a_recollection_model_is_the_baseline(preset_name):
     torch.manual_seed(0)
     sqr = build_model(_tiny(preset_name, "sqr")).eval()
@@ -143,7 +178,7 @@ def test_inference_of_a_recollection_model_is_the_baseline(preset_name):
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_two_stage"])
+@pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_refine", "deformable_detr_small_two_stage"])
 def test_recurrent_model_runs_the_last_stage_t_times(preset_name):
     torch.manual_seed(0)
     cfg = _tiny(preset_name, "recurrent")
@@ -161,8 +196,9 @@ def test_recurrent_model_runs_the_last_stage_t_times(preset_name):
     if hasattr(decoder, "num_layers"):
         decoder.num_layers = steps
     if getattr(decoder, "bbox_embed", None) is not None:  # refinement heads: the last layer's, T times
-        heads = [full.class_embed[3]] * steps + [full.class_embed[4]]
-        boxes = [full.bbox_embed[3]] * steps + [full.bbox_embed[4]]
+        encoder = slice(4, 5)  # two-stage: the encoder's heads follow the decoder's
+        heads = [full.class_embed[3]] * steps + list(full.class_embed[encoder])
+        boxes = [full.bbox_embed[3]] * steps + list(full.bbox_embed[encoder])
         full.class_embed, full.bbox_embed = torch.nn.ModuleList(heads), torch.nn.ModuleList(boxes)
         decoder.bbox_embed, decoder.class_embed = full.bbox_embed, full.class_embed
     images, mask, _ = _batch()
