@@ -55,17 +55,24 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.unflatten(-1, (M, -1))
-        offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
+        offsets = self.sampling_offsets(query).view(B, Q, M, L * P * 2)
         weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: normalise by its (W, H)
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            # offsets are in pixels of each level: scale by 1 / (W, H)
+            centre, scale = reference_points, 1 / spatial_shapes.flip(-1).to(offsets.dtype)
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the reference box: half its size at offset n_points
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+            centre, scale = reference_points[..., :2], reference_points[..., 2:] * (0.5 / P)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        # centre + offsets * scale on (..., L * P * 2) rows: broadcasting over the short (L, P, 2)
+        # axes instead runs elementwise loops of length 2, ten times slower on CPU
+        locations = torch.addcmul(per_point(centre, P), offsets, per_point(scale, P)).view(B, Q, M, L, P, 2)
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)
+
+
+def per_point(x: Tensor, n_points: int) -> Tensor:
+    """(..., L, 2) per level -> (..., 1, L * n_points * 2), repeated for every sampling point and
+    broadcasting over the heads."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n_points, 2).flatten(-3).unsqueeze(-2)
