@@ -1,4 +1,4 @@
-"""The ``detrkit`` command: synth, check, train, eval, analyze, predict, viz, convert, export."""
+"""The ``detrkit`` command: synth, check, train, eval, analyze, predict, viz, convert, export, recurrent."""
 from __future__ import annotations
 
 import argparse
@@ -101,7 +101,7 @@ def _detector_and_dataset(args: argparse.Namespace):
     from detrkit.data.coco import CocoDetection
     from detrkit.data.transforms import make_transforms
     from detrkit.inference import load
-    detector = load(args.checkpoint, args.device)
+    detector = load(args.checkpoint, args.device, args.recurrent_steps)
     images, annotations = _dataset_paths(args)
     return detector, CocoDetection(images, annotations, make_transforms(detector.cfg.data, train=False))
 
@@ -151,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from detrkit.data.image import read_image
     from detrkit.inference import load
     from detrkit.viz import draw_detections
-    detector = load(args.checkpoint, args.device)
+    detector = load(args.checkpoint, args.device, args.recurrent_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -186,6 +186,24 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from detrkit.interop import export
     print(f"wrote {export(args.src, args.out, args.format, **_hints(args))}")
+
+
+def cmd_recurrent(args: argparse.Namespace) -> None:
+    from detrkit.checkpoint import save_model
+    from detrkit.interop import load_model
+    from detrkit.recollection import parameter_counts, recurrent_model
+    model, cfg, categories = load_model(args.src)
+    single, single_cfg = recurrent_model(model, cfg, args.steps, args.src)
+    for name, m in ((f"{cfg.model.transformer.num_decoder_layers} decoder layers", model),
+                    (f"1 decoder layer run {args.steps} times", single)):
+        total, decoder = parameter_counts(m)
+        print(f"{name:>28}: {total:>12,} parameters, {decoder:>12,} of them in the decoder")
+    print(f"wrote {save_model(args.out, single, single_cfg.to_dict(), categories.to_dict())}")
+
+
+def _add_recurrent_steps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recurrent-steps", type=int, metavar="T",
+                   help="run a recurrent model's last decoder layer alone, T times (see detrkit recurrent)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-stage", action="store_true",
                    help="score every decoder stage's predictions (one row per stage)")
     p.add_argument("--batch-size", type=int, default=4)
+    _add_recurrent_steps(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_eval)
 
@@ -242,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, default=0.5, help="IoU a true positive needs with its ground truth")
     p.add_argument("--json", help="also write the counts and rates to this file")
     p.add_argument("--batch-size", type=int, default=4)
+    _add_recurrent_steps(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_analyze)
 
@@ -250,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, default=0.7)
+    _add_recurrent_steps(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
 
@@ -269,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nheads", type=int, help="attention heads of an official checkpoint without args (8)")
         p.add_argument("--num-queries", type=int, help="queries of a two-stage official checkpoint without args")
         p.set_defaults(func=cmd_convert if name == "convert" else cmd_export)
+
+    p = sub.add_parser("recurrent", help="a model trained with model.recollection=recurrent -> its last decoder "
+                                         "layer alone, run T times: detrkit's folder (config.json + model.safetensors)")
+    p.add_argument("src", help="detrkit folder or run")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=6, metavar="T",
+                   help="times the layer runs (changeable later: eval / predict --recurrent-steps)")
+    p.set_defaults(func=cmd_recurrent)
     return parser
 
 

@@ -16,6 +16,7 @@ from detrkit.data.batch import pad_images
 from detrkit.data.coco import CategoryMap
 from detrkit.data.image import read_image
 from detrkit.data.transforms import make_transforms
+from detrkit.recollection import recurrent_model
 
 ImageInput = Union[str, Path, Image.Image, Tensor]
 
@@ -83,12 +84,19 @@ def _to_pil(image: ImageInput) -> Image.Image:
     raise TypeError(f"cannot read an image from {type(image).__name__}")
 
 
-def load(path: str | Path, device: str | torch.device | None = None, **hints) -> Detector:
+def load(path: str | Path, device: str | torch.device | None = None, recurrent_steps: int | None = None,
+         **hints) -> Detector:
     """Load a detector from a detrkit model folder, checkpoint folder or training run folder, an
     official DETR / Deformable DETR ``.pth``, or a HuggingFace ``save_pretrained`` folder; the config
     of a foreign checkpoint is read off its weights. ``hints`` (``dilation``, ``nheads``,
-    ``num_queries``) give what weights cannot show: see :func:`detrkit.interop.load_model`."""
+    ``num_queries``) give what weights cannot show: see :func:`detrkit.interop.load_model`.
+
+    ``recurrent_steps=T`` loads the single-stage recurrent model, its decoder layer run T times, of
+    a model trained with ``model.recollection=recurrent`` or saved by ``detrkit recurrent``
+    (:func:`detrkit.recollection.recurrent_model`)."""
     from detrkit.interop import load_model
     model, cfg, categories = load_model(path, **hints)
+    if recurrent_steps is not None:
+        model, cfg = recurrent_model(model, cfg, recurrent_steps, str(path))
     detector = Detector(model, cfg, categories)
     return detector.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()

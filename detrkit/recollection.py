@@ -11,7 +11,8 @@ own. Which earlier outputs a stage receives is the one rule below (:func:`source
 - ``dqr`` (dense): every earlier stage: 1, 2, 4, 8, 16, 32 groups;
 - ``recurrent``: DQR, plus one more pass of the last stage over its own outputs (32 more groups).
   The last stage thereby learns to refine queries from any depth, its own included, so at
-  inference it alone can be looped: :func:`to_recurrent` keeps that one stage, run T times.
+  inference it alone can be looped: :func:`recurrent_model` keeps that one stage, run T times
+  (``detrkit recurrent``; ``detrkit.load(path, recurrent_steps=T)``).
 
 Output 0 is the decoder's initial queries. Groups are laid side by side along the query axis,
 (B, G*N, ...), newest first, so group 0 of every stage follows the baseline path; inference
@@ -28,9 +29,10 @@ import copy
 from typing import Callable, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from detrkit.config import Config
+from detrkit.checkpoint import load_state_dict_strict
+from detrkit.config import Config, ConfigError
 
 MODES = ("none", "sqr", "dqr", "recurrent")
 
@@ -120,6 +122,14 @@ PER_LAYER = ("transformer.decoder.layers.", "class_embed.", "bbox_embed.",
              "transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
 
 
+def _per_layer(key: str) -> tuple[str, str, str] | None:
+    """A parameter name of a decoder layer or a per-layer head -> (prefix, layer index, rest of
+    the name); None for the rest of the model (DETR's shared heads, the encoder, the backbone)."""
+    prefix = next((p for p in PER_LAYER if key.startswith(p)), None)
+    index, _, rest = key[len(prefix):].partition(".") if prefix else ("", "", "")
+    return (prefix, index, rest) if index.isdigit() else None
+
+
 def to_recurrent(state_dict: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
     """The weights of the single-stage recurrent model: decoder layer ``num_layers - 1`` (and its
     heads) become layer 0; the other decoder layers are dropped. Per-layer heads (refinement) are
@@ -127,11 +137,11 @@ def to_recurrent(state_dict: dict[str, Tensor], num_layers: int) -> dict[str, Te
     renumber = {str(num_layers - 1): "0", str(num_layers): "1"}
     out = {}
     for key, value in state_dict.items():
-        prefix = next((p for p in PER_LAYER if key.startswith(p)), None)
-        index, _, rest = key[len(prefix):].partition(".") if prefix else ("", "", "")
-        if not index.isdigit():  # not per layer (DETR's shared heads, the encoder, the backbone)
+        split = _per_layer(key)
+        if split is None:
             out[key] = value
-        elif index in renumber:
+        elif split[1] in renumber:
+            prefix, index, rest = split
             out[f"{prefix}{renumber[index]}.{rest}"] = value
     return out
 
@@ -142,4 +152,33 @@ def recurrent_config(cfg: Config, steps: int) -> Config:
     out.model.transformer.num_decoder_layers = 1
     out.model.recurrent_steps = steps
     out.model.recollection = "none"
+    out.model.backbone.weights = None  # the trained model holds the backbone's weights
     return out
+
+
+def recurrent_model(model: nn.Module, cfg: Config, steps: int, source: str) -> tuple[nn.Module, Config]:
+    """The single-stage recurrent model, its decoder layer run ``steps`` times, and its config.
+
+    ``model`` (built from ``cfg``) is either trained with ``model.recollection=recurrent``, whose
+    last decoder layer and that layer's heads are kept, or such a single-stage model already, whose
+    number of steps alone changes. Any other raises ConfigError naming ``source``, its checkpoint."""
+    from detrkit.build import build_model  # build and the decoders import this module
+
+    if cfg.model.recollection != "recurrent" and not cfg.model.recurrent_steps:
+        raise ConfigError(f"{source}: model.recollection is {cfg.model.recollection!r}; only a model trained with "
+                          "model.recollection=recurrent can run its last decoder stage alone")
+    if steps < 1:
+        raise ConfigError(f"{source}: model.recurrent_steps must be at least 1, got {steps}")
+    # a single-stage model has one layer: to_recurrent keeps it and recurrent_config only sets the steps
+    state = to_recurrent(model.state_dict(), cfg.model.transformer.num_decoder_layers)
+    cfg = recurrent_config(cfg, steps)
+    single = build_model(cfg)
+    load_state_dict_strict(single, state, source)
+    return single.to(next(model.parameters()).device).eval(), cfg
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(all of ``model``'s parameters, the decoder's: its layers, its norm and the per-layer heads)."""
+    params = dict(model.named_parameters())  # a module shared by two parents is listed once
+    decoder = [p for k, p in params.items() if k.startswith("transformer.decoder.") or _per_layer(k)]
+    return sum(p.numel() for p in params.values()), sum(p.numel() for p in decoder)

@@ -1,12 +1,17 @@
 """Query recollection: group counts, group isolation, supervision, and unchanged inference."""
+import json
+
 import pytest
 import torch
 
+import detrkit
 from detrkit import presets
 from detrkit.build import build_criterion, build_model
+from detrkit.cli import main
 from detrkit.config import ConfigError, TransformerConfig
 from detrkit.deformable_transformer import DeformableTransformerDecoderLayer
-from detrkit.recollection import group_counts, recurrent_config, run_stages, sources, to_recurrent
+from detrkit.recollection import (group_counts, parameter_counts, recurrent_config, run_stages, sources,
+                                  to_recurrent)
 from detrkit.transformer import TransformerDecoderLayer
 
 
@@ -178,6 +183,30 @@ def test_inference_of_a_recollection_model_is_the_baseline(preset_name):
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
 
 
+def loop_last_layer(full: torch.nn.Module, steps: int) -> None:
+    """Make ``full`` run its last decoder layer (and that layer's heads) ``steps`` times instead of
+    all its layers, by hand: what the single-stage recurrent model must compute."""
+    decoder = full.transformer.decoder
+    last = len(decoder.layers) - 1
+    decoder.layers = torch.nn.ModuleList([decoder.layers[last]] * steps)  # the same module T times
+    if hasattr(decoder, "num_layers"):
+        decoder.num_layers = steps
+    if getattr(decoder, "bbox_embed", None) is not None:  # refinement heads: the last layer's, T times
+        encoder = slice(last + 1, last + 2)  # two-stage: the encoder's heads follow the decoder's
+        heads = [full.class_embed[last]] * steps + list(full.class_embed[encoder])
+        boxes = [full.bbox_embed[last]] * steps + list(full.bbox_embed[encoder])
+        full.class_embed, full.bbox_embed = torch.nn.ModuleList(heads), torch.nn.ModuleList(boxes)
+        decoder.bbox_embed, decoder.class_embed = full.bbox_embed, full.class_embed
+
+
+def assert_same_outputs(got: dict, expected: dict) -> None:
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"])
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"])
+    assert len(got["aux_outputs"]) == len(expected["aux_outputs"])
+    for a, b in zip(got["aux_outputs"], expected["aux_outputs"]):
+        torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
+
+
 @pytest.mark.parametrize("preset_name", ["detr_small", "deformable_detr_small_refine", "deformable_detr_small_two_stage"])
 def test_recurrent_model_runs_the_last_stage_t_times(preset_name):
     torch.manual_seed(0)
@@ -187,26 +216,53 @@ def test_recurrent_model_runs_the_last_stage_t_times(preset_name):
     one = build_model(recurrent_config(cfg, steps)).eval()
     one.load_state_dict(to_recurrent(full.state_dict(), 4))
     assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in full.parameters())
-    # run the full model's last layer `steps` times by hand: the recurrent model must do exactly that
-    decoder = full.transformer.decoder
     calls = []
-    hook = decoder.layers[3].register_forward_hook(lambda m, i, o: calls.append(o))
-    last = decoder.layers[3]
-    decoder.layers = torch.nn.ModuleList([last] * steps)  # the same module T times
-    if hasattr(decoder, "num_layers"):
-        decoder.num_layers = steps
-    if getattr(decoder, "bbox_embed", None) is not None:  # refinement heads: the last layer's, T times
-        encoder = slice(4, 5)  # two-stage: the encoder's heads follow the decoder's
-        heads = [full.class_embed[3]] * steps + list(full.class_embed[encoder])
-        boxes = [full.bbox_embed[3]] * steps + list(full.bbox_embed[encoder])
-        full.class_embed, full.bbox_embed = torch.nn.ModuleList(heads), torch.nn.ModuleList(boxes)
-        decoder.bbox_embed, decoder.class_embed = full.bbox_embed, full.class_embed
+    hook = full.transformer.decoder.layers[3].register_forward_hook(lambda m, i, o: calls.append(o))
+    loop_last_layer(full, steps)
     images, mask, _ = _batch()
     with torch.no_grad():
         expected, got = full(images, mask), one(images, mask)
     hook.remove()
     assert len(calls) == steps and len(got["aux_outputs"]) == steps - 1
-    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"])
-    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"])
-    for a, b in zip(got["aux_outputs"], expected["aux_outputs"]):
-        torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
+    assert_same_outputs(got, expected)
+
+
+def test_recurrent_command_saves_the_last_stage_alone(tiny_root, tiny_overrides, tmp_path, capsys):
+    run, single = tmp_path / "run", tmp_path / "single"
+    assert main(["train", "--data", str(tiny_root), "--out", str(run), "--no-eval", *tiny_overrides,
+                 "--set", "model.recollection=recurrent", "--set", "model.transformer.num_decoder_layers=2"]) == 0
+    capsys.readouterr()
+    assert main(["recurrent", str(run), "--out", str(single), "--steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    trained, one = detrkit.load(run, "cpu"), detrkit.load(single, "cpu")
+    assert len(one.model.transformer.decoder.layers) == 1 and one.cfg.model.recurrent_steps == 4
+    (total, decoder), (one_total, one_decoder) = parameter_counts(trained.model), parameter_counts(one.model)
+    assert one_total < total and total - one_total == decoder - one_decoder  # one decoder layer fewer
+    assert all(f"{n:,}" in printed for n in (total, decoder, one_total, one_decoder)), printed
+
+    loop_last_layer(trained.model, 4)
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        assert_same_outputs(one(images, mask), trained(images, mask))
+
+    # The steps change at loading, without saving again; the trained run loads as the same model.
+    assert main(["eval", "--checkpoint", str(single), "--data", str(tiny_root), "--per-stage",
+                 "--recurrent-steps", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 2  # header, one row per step
+    for checkpoint, name in ((single, "saved.json"), (run, "run.json")):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(tiny_root), "--recurrent-steps", "4",
+                     "--json", str(tmp_path / name)]) == 0
+    assert json.loads((tmp_path / "saved.json").read_text()) == json.loads((tmp_path / "run.json").read_text())
+    capsys.readouterr()
+    assert main(["recurrent", str(run), "--out", str(tmp_path / "zero"), "--steps", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_recurrent_command_refuses_a_model_trained_otherwise(tiny_root, untrained_checkpoint, tmp_path, capsys):
+    plain = untrained_checkpoint(presets.detr_small, tiny_root, tmp_path / "plain")
+    for argv in (["recurrent", str(plain), "--out", str(tmp_path / "out")],
+                 ["eval", "--checkpoint", str(plain), "--data", str(tiny_root), "--recurrent-steps", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"detrkit {argv[0]}: error: {plain}: model.recollection is 'none'"), err
+    assert not (tmp_path / "out").exists()
