@@ -64,7 +64,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes,
                                   level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -108,7 +108,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         attended = self.cross_attn(with_pos(tgt, query_pos), reference_points, memory, spatial_shapes,
                                    level_start_index, memory_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
 
 
