@@ -57,14 +57,36 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     shift): one pass over the feature map instead of three. The weight takes the memory layout of
     ``x`` (channels-last on CPU, see ``Backbone.forward``), which measured faster than mixing
     layouts (bench/detr.py)."""
-    weight, bias = conv.weight, None
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
     if isinstance(norm, FrozenBatchNorm2d):
-        scale, shift = norm.scale_shift()
-        weight, bias, norm = weight * scale[:, None, None, None], shift, None
-    if x.is_contiguous(memory_format=torch.channels_last):
-        weight = weight.contiguous(memory_format=torch.channels_last)
-    out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return out if norm is None else norm(out)
+        weight, bias = _folded(conv, norm, channels_last)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight = conv.weight.contiguous(memory_format=torch.channels_last) if channels_last else conv.weight
+    return norm(F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups))
+
+
+def _folded(conv: nn.Conv2d, norm: FrozenBatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """The convolution's weight and bias with ``norm`` folded in. Recomputed when gradients must
+    flow through it; otherwise (inference, frozen layers) kept on ``conv`` until a weight or
+    statistic changes (their version counters move on every in-place update, optimiser steps and
+    ``load_state_dict`` included) or the weights move to another device or dtype."""
+    if torch.is_grad_enabled() and conv.weight.requires_grad:
+        return _fold(conv, norm, channels_last)
+    tensors = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    key = (channels_last, conv.weight.data_ptr(), conv.weight.dtype, *(t._version for t in tensors))
+    cached = getattr(conv, "_folded_cache", None)
+    if cached is None or cached[0] != key:
+        # inference-mode tensors could not be saved for a later backward: keep those uncached
+        if torch.is_inference_mode_enabled():
+            return _fold(conv, norm, channels_last)
+        cached = conv._folded_cache = (key, *_fold(conv, norm, channels_last))
+    return cached[1], cached[2]
+
+
+def _fold(conv: nn.Conv2d, norm: FrozenBatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:
+    scale, shift = norm.scale_shift()
+    weight = conv.weight * scale[:, None, None, None]
+    return (weight.contiguous(memory_format=torch.channels_last) if channels_last else weight), shift
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from detrkit.backbone import Backbone, FrozenBatchNorm2d, load_backbone_weights, resnet
+from detrkit.backbone import Backbone, FrozenBatchNorm2d, conv_norm, load_backbone_weights, resnet
 from detrkit.config import BackboneConfig, ConfigError
 from detrkit.errors import CheckpointError
 
@@ -113,6 +113,41 @@ def test_frozen_batchnorm_equals_batchnorm_eval():
     torch.testing.assert_close(frozen(x), bn(x), atol=1e-6, rtol=1e-6)
     frozen.train()
     torch.testing.assert_close(frozen(x), bn(x), atol=1e-6, rtol=1e-6)
+
+
+def test_folded_conv_norm_follows_every_change_of_the_weights():
+    # the folded weights are kept between calls that need no gradient: they must never go stale
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(4, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8)
+    norm.running_var.uniform_(0.5, 2.0)
+    norm.bias.normal_()
+    x = torch.randn(2, 4, 6, 6)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(conv_norm(conv, norm, x), norm(conv(x)))
+            cl = x.contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(conv_norm(conv, norm, cl), norm(conv(cl)))
+
+    check()
+    with torch.no_grad():
+        conv.weight.mul_(2)  # an optimiser step is an in-place update like this one
+    check()
+    norm.running_mean.add_(1.0)
+    check()
+    conv.load_state_dict({"weight": torch.randn_like(conv.weight)})
+    check()
+    conv.weight.data = conv.weight.data.double()  # a move to another dtype: new storage
+    with torch.no_grad():
+        norm.double()
+        torch.testing.assert_close(conv_norm(conv, norm, x.double()), norm(conv(x.double())))
+    # after a no-grad call, a training call still gets gradients into the weight
+    conv.float(), norm.float()
+    with torch.no_grad():
+        conv_norm(conv, norm, x)
+    conv_norm(conv, norm, x).sum().backward()
+    expected = torch.autograd.grad(norm(conv(x)).sum(), conv.weight)[0]
+    torch.testing.assert_close(conv.weight.grad, expected)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
