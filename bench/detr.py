@@ -5,8 +5,8 @@ Both sides are built with random weights from the same configuration (nothing is
 the same ResNet (transformers' own ResNet on the HF side), d_model, heads, layers, FFN width,
 queries, 91 classes, dropout, loss weights and matching costs. Timed:
 
-* inference: eval mode, ``no_grad``, batch 1, 512x512;
-* one training step: batch 2, 512x512, 5 boxes per image, forward + loss (Hungarian matching,
+* inference: eval mode, ``no_grad``, batch 1, at ``--size`` (default 512x512);
+* one training step: batch 2, at ``--size``, 5 boxes per image, forward + loss (Hungarian matching,
   auxiliary losses on every decoder layer) + backward + grad-norm clip + optimiser step, with
   detrkit's optimiser (``make_optimizer``: AdamW, backbone at its own learning rate) on both sides.
 
@@ -26,6 +26,7 @@ encoder layer in training, no attention mask when nothing is padded.
     python bench/detr.py                                  # DETR and Deformable DETR presets, wall clock
     python bench/detr.py --models deformable_detr_r50
     python bench/detr.py --models detr_r50 --reps 9
+    python bench/detr.py --models deformable_detr_r50 --size 800x1066 --train-reps 0   # inference at COCO scale
     OMP_WAIT_POLICY=PASSIVE python bench/detr.py --clock cpu   # on a busy machine
 """
 from __future__ import annotations
@@ -48,7 +49,6 @@ from detrkit.engine import make_optimizer  # noqa: E402
 from detrkit.interop.hf import hf_config as export_config  # noqa: E402
 from detrkit.presets import preset  # noqa: E402
 
-SIZE = 512
 NUM_CLASSES = 91
 BOXES_PER_IMAGE = 5
 
@@ -109,10 +109,11 @@ def build_hf(cfg: Config, model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- steps
 
-def make_batch(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def make_batch(batch: int, size: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """``batch`` random images of ``size`` (H, W), unpadded, with random boxes and labels."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, SIZE, SIZE, generator=g)
-    mask = torch.zeros(batch, SIZE, SIZE, dtype=torch.bool)
+    images = torch.randn(batch, 3, *size, generator=g)
+    mask = torch.zeros(batch, *size, dtype=torch.bool)
     targets = []
     for _ in range(batch):
         wh = 0.05 + 0.4 * torch.rand(BOXES_PER_IMAGE, 2, generator=g)
@@ -182,9 +183,10 @@ def count(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def bench_model(name: str, reps: dict[str, int], warmup: int, clock) -> list[tuple[str, float, float, float]]:
-    """Time both sides of preset ``name``; one row (label, detrkit median, HF median, ratio of the
-    minima) for inference and one for the training step."""
+def bench_model(name: str, size: tuple[int, int], reps: dict[str, int], warmup: int,
+                clock) -> list[tuple[str, float, float, float]]:
+    """Time both sides of preset ``name`` on images of ``size`` (H, W); one row (label, detrkit median,
+    HF median, ratio of the minima) for inference and one for the training step (none with 0 repetitions)."""
     cfg = preset(name)
     cfg.model.num_classes = NUM_CLASSES
     torch.manual_seed(0)
@@ -199,7 +201,9 @@ def bench_model(name: str, reps: dict[str, int], warmup: int, clock) -> list[tup
 
     rows = []
     for what, batch_size in (("infer", 1), ("train", 2)):
-        batch = make_batch(batch_size, seed=1)
+        if not reps[what]:
+            continue
+        batch = make_batch(batch_size, size, seed=1)
         for s in sides:
             for _ in range(warmup):
                 getattr(s, what)(*batch)
@@ -215,13 +219,25 @@ def bench_model(name: str, reps: dict[str, int], warmup: int, clock) -> list[tup
     return rows
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """"800x1066" -> (800, 1066): height by width."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 800x1066") from None
+    return h, w
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="detr_small,detr_r50,deformable_detr_small,deformable_detr_r50",
                         help="comma-separated detrkit presets")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per side (median reported)")
-    parser.add_argument("--train-reps", type=int, default=None, help="repetitions for the train step (default --reps)")
+    parser.add_argument("--train-reps", type=int, default=None,
+                        help="repetitions for the train step (default --reps; 0: inference only)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--size", type=image_size, default=(512, 512), metavar="HxW",
+                        help="image height x width (default 512x512; 800x1066: a 4:3 COCO image at the papers' scale)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU time, steadier on a shared machine (run with OMP_WAIT_POLICY=PASSIVE "
@@ -231,18 +247,19 @@ def main() -> None:
 
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
-          f"{SIZE}x{SIZE}, {BOXES_PER_IMAGE} boxes per image", flush=True)
+          f"{args.size[0]}x{args.size[1]}, {BOXES_PER_IMAGE} boxes per image", flush=True)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    reps = {"infer": args.reps, "train": args.train_reps or args.reps}
+    reps = {"infer": args.reps, "train": args.reps if args.train_reps is None else args.train_reps}
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name.strip(), reps, args.warmup, clock)
+        rows += bench_model(name.strip(), args.size, reps, args.warmup, clock)
 
-    print(f"\nmedians of {args.reps} ({args.clock} clock); HF / detrkit > 1: detrkit is faster")
-    print(f"| {'model':28s} | detrkit s | HF s  | HF / detrkit | (of the minima) |")
-    print(f"|{'-' * 30}|-----------|-------|--------------|-----------------|")
+    print(f"\nmedians of {args.reps} ({args.clock} clock) at {args.size[0]}x{args.size[1]}; "
+          "HF / detrkit > 1: detrkit is faster")
+    print(f"| {'model':40s} | detrkit s | HF s  | HF / detrkit | (of the minima) |")
+    print(f"|{'-' * 42}|-----------|-------|--------------|-----------------|")
     for label, ours, theirs, best_ratio in rows:
-        print(f"| {label:28s} | {ours:9.3f} | {theirs:5.3f} | {theirs / ours:11.2f}x | {best_ratio:14.2f}x |")
+        print(f"| {label:40s} | {ours:9.3f} | {theirs:5.3f} | {theirs / ours:11.2f}x | {best_ratio:14.2f}x |")
 
 
 if __name__ == "__main__":

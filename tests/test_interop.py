@@ -74,7 +74,11 @@ def _max_diff(a: dict, b: dict) -> float:
 @torch.no_grad()
 def _hf_outputs(model, images: torch.Tensor, mask: torch.Tensor) -> dict:
     out = model(pixel_values=images, pixel_mask=(~mask).long())
-    return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes}
+    outputs = {"pred_logits": out.logits, "pred_boxes": out.pred_boxes}
+    if getattr(model.config, "with_box_refine", False):
+        # refining, each decoder layer's boxes are the reference points it hands on: (B, layers, N, 4)
+        outputs["layer_boxes"] = out.intermediate_reference_points
+    return outputs
 
 
 # ---------------------------------------------------------------- HuggingFace
@@ -135,6 +139,9 @@ def test_hf_folder_loads_with_the_same_outputs(hf_saved):
         c = model.config
         assert (m.with_box_refine, m.two_stage, m.num_feature_levels, m.dec_n_points) == \
             (c.with_box_refine, c.two_stage, c.num_feature_levels, 2)
+    if m.with_box_refine:  # every decoder layer's boxes, not only the last one's
+        layer_boxes = torch.stack([aux["pred_boxes"] for aux in out["aux_outputs"]] + [out["pred_boxes"]], 1)
+        assert (layer_boxes - reference["layer_boxes"]).abs().max() < TOL
 
 
 @torch.no_grad()

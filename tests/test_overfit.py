@@ -1,4 +1,5 @@
-"""A tiny DETR learns four images by heart, and padding in a batch does not change its answers."""
+"""Tiny DETR and Deformable DETR models learn four images by heart, and padding in a batch does not
+change their answers."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 import detrkit
+from detrkit import config, presets
 from detrkit.data.coco import CocoDetection
 from detrkit.data.synth import SHAPES, shape_mask
 from detrkit.data.transforms import make_transforms
@@ -58,15 +60,6 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def overfit_run(shapes_root, tiny_config, tmp_path_factory) -> Path:
-    """A run folder after 100 full-batch steps on the four images (no augmentation, fixed seed)."""
-    cfg = tiny_config("data.train_scales=[64]", "data.hflip=false", "data.random_crop=false",
-                      "train.batch_size=4", "train.epochs=2", "train.lr=1e-3", "train.lr_backbone=1e-3",
-                      "train.eval_every=0", "train.seed=0")
-    return train_on_shapes(cfg, shapes_root, tmp_path_factory.mktemp("overfit"))
-
-
 def train_on_shapes(cfg, shapes_root: Path, run_dir: Path) -> Path:
     """Train ``cfg`` on the four images, STEPS_PER_EPOCH full batches per epoch; return the run folder."""
     train = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
@@ -84,31 +77,6 @@ def stats_on_shapes(run_dir: Path, shapes_root: Path) -> dict:
     return evaluate(detector.model, detector.postprocess, dataset, detector.categories, CPU, batch_size=4)
 
 
-def test_tiny_model_overfits_four_images(overfit_run, shapes_root):
-    stats = stats_on_shapes(overfit_run, shapes_root)
-    assert stats["AP50"] >= 0.9, stats
-
-
-def test_image_alone_and_padded_in_a_batch_give_the_same_detections(overfit_run, shapes_root):
-    detector = detrkit.load(overfit_run, "cpu")
-    paths = [shapes_root / "images" / f"{i}.png" for i in range(len(IMAGES))]
-    alone = [detector.predict(p, threshold=0.3) for p in paths]
-    batched = detector.predict(paths, threshold=0.3, batch_size=len(paths))  # padded to 96 x 80
-    confident = 0
-    for (_, objects), a, b in zip(IMAGES, alone, batched):
-        for first, second in ((a, b), (b, a)):
-            for box, score, label in zip(first.boxes, first.scores, first.labels):
-                if score < 0.7:
-                    continue
-                confident += 1
-                same = (second.labels == label) & ((second.boxes - box).abs().max(-1).values <= 2.0)
-                assert same.any(), (box, label, second.boxes, second.labels)
-        assert (a.scores >= 0.7).sum() >= len(objects)  # the model learnt every object
-    assert confident >= 2 * sum(len(objects) for _, objects in IMAGES)
-
-
-# ---------------------------------------------------------------- Deformable DETR variants
-
 DEFORMABLE_OVERRIDES = [
     "model.transformer.d_model=64", "model.transformer.nheads=4", "model.transformer.dim_feedforward=128",
     "model.transformer.num_encoder_layers=1", "model.transformer.num_decoder_layers=3", "model.num_queries=10",
@@ -118,14 +86,42 @@ DEFORMABLE_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="module", params=["deformable_detr_small", "deformable_detr_small_refine",
+@pytest.fixture(scope="module", params=["detr_small", "deformable_detr_small", "deformable_detr_small_refine",
                                         "deformable_detr_small_two_stage"])
-def deformable_run(request, shapes_root, tmp_path_factory) -> Path:
-    from detrkit import config, presets
-    cfg = config.apply_overrides(presets.preset(request.param), DEFORMABLE_OVERRIDES)
+def trained_run(request, shapes_root, tiny_config, tmp_path_factory) -> Path:
+    """A run folder after full-batch training on the four images (no augmentation, fixed seed):
+    the tiny DETR for 100 steps, or a Deformable DETR variant for 150."""
+    if request.param == "detr_small":
+        cfg = tiny_config("data.train_scales=[64]", "data.hflip=false", "data.random_crop=false",
+                          "train.batch_size=4", "train.epochs=2", "train.lr=1e-3", "train.lr_backbone=1e-3",
+                          "train.eval_every=0", "train.seed=0")
+    else:
+        cfg = config.apply_overrides(presets.preset(request.param), DEFORMABLE_OVERRIDES)
     return train_on_shapes(cfg, shapes_root, tmp_path_factory.mktemp(request.param))
 
 
-def test_every_deformable_variant_overfits_four_images(deformable_run, shapes_root):
-    stats = stats_on_shapes(deformable_run, shapes_root)
+def test_model_overfits_four_images(trained_run, shapes_root):
+    stats = stats_on_shapes(trained_run, shapes_root)
     assert stats["AP50"] >= 0.9, stats
+
+
+def test_image_alone_and_padded_in_a_batch_give_the_same_detections(trained_run, shapes_root):
+    detector = detrkit.load(trained_run, "cpu")
+    paths = [shapes_root / "images" / f"{i}.png" for i in range(len(IMAGES))]
+    alone = [detector.predict(p, threshold=0.3) for p in paths]
+    batched = detector.predict(paths, threshold=0.3, batch_size=len(paths))  # padded to the largest
+    for a, b in zip(alone, batched):
+        assert len(a.scores) and len(b.scores)
+        for first, second in ((a, b), (b, a)):
+            # every detection scored 0.5 or more, and the image's best one
+            compared = (first.scores >= 0.5) | (first.scores == first.scores.max())
+            for box, score, label in zip(first.boxes[compared], first.scores[compared], first.labels[compared]):
+                # Close, not equal: at the image's bottom and right edges the backbone's convolutions
+                # see the padding's features instead of zeros and, in Deformable DETR, the GroupNorm
+                # of the input projections averages over the padding too (as in the paper's code).
+                # Measured: boxes within 0.6 px, scores within 0.015 (0.04 two-stage, whose queries
+                # are the top encoder proposals). With the mask ignored (all False), every variant
+                # fails here: a score moves by 0.35 or more, or a detection appears or vanishes.
+                same = ((second.labels == label) & ((second.boxes - box).abs().max(-1).values <= 2.0)
+                        & ((second.scores - score).abs() <= 0.1))
+                assert same.any(), (box, score, label, second.boxes, second.scores, second.labels)
