@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.config import TransformerConfig
+from detrkit.ops.dropout import Dropout
 from detrkit.recollection import State, run_stages
 
 
@@ -70,8 +71,8 @@ class TransformerEncoderLayer(nn.Module):
         self.linear1 = nn.Linear(d, cfg.dim_feedforward)
         self.linear2 = nn.Linear(cfg.dim_feedforward, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)  # inside the FFN
-        self.dropout1, self.dropout2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)  # inside the FFN
+        self.dropout1, self.dropout2 = Dropout(cfg.dropout), Dropout(cfg.dropout)
 
     def forward(self, src: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
         """src, pos: (B, S, d); mask: (B, S), True = padding."""
@@ -90,8 +91,8 @@ class TransformerDecoderLayer(nn.Module):
         self.linear1 = nn.Linear(d, cfg.dim_feedforward)
         self.linear2 = nn.Linear(cfg.dim_feedforward, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(cfg.dropout) for _ in range(3))
+        self.dropout = Dropout(cfg.dropout)
+        self.dropout1, self.dropout2, self.dropout3 = (Dropout(cfg.dropout) for _ in range(3))
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_mask: Tensor | None,
                 pos: Tensor | None, num_groups: int = 1) -> Tensor:

@@ -177,8 +177,8 @@ def test_dispatch(monkeypatch):
 
 
 def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(ms_deform_attn_cpu, "_lib", None)
-    monkeypatch.setattr(ms_deform_attn_cpu, "_failed", False)
+    monkeypatch.setattr(ms_deform_attn_cpu.KERNEL, "_lib", None)
+    monkeypatch.setattr(ms_deform_attn_cpu.KERNEL, "_failed", False)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     inputs = random_inputs()

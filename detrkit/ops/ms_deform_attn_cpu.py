@@ -1,24 +1,15 @@
-"""Fused CPU kernel for multi-scale deformable attention, compiled on first use.
-
-The kernel is plain C++ with OpenMP and no torch headers, so it builds in about a second
-with the system compiler and nothing has to be built at install time. It is called through
-ctypes on the tensors' memory. The shared library is cached under the torch extensions
-directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by a hash
-of the source and the build command. If it cannot be built, a warning is issued once and
-:func:`ms_deform_attn_cpu` returns None so that the caller falls back to the reference.
+"""Fused CPU kernel for multi-scale deformable attention, compiled on first use (see
+:mod:`detrkit.ops.cpu_build`). If it cannot be built, :func:`ms_deform_attn_cpu` returns None
+so that the caller falls back to the reference.
 """
 import ctypes
-import hashlib
-import os
-import shlex
-import subprocess
-import tempfile
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .cpu_build import CompiledLibrary, num_threads, ptr
 
 _SOURCE = r"""
 #include <cmath>
@@ -186,84 +177,19 @@ DEFINE(float, f32)
 DEFINE(double, f64)
 """
 
-_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
-_lib: Optional[ctypes.CDLL] = None
-_failed = False  # a build failed in this process: warned once, never retried
-
-
-def _build_dir() -> str:
-    default = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    return os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR", default), "detrkit_msda")
-
-
-def _cpu_flags() -> list[str]:
-    """AVX2/FMA when this CPU has them: about 1.5x faster than the x86-64 baseline (SSE2).
-
-    Not -march=native: its AVX-512 code is slower here. The flags are part of the cache key,
-    so machines sharing a home directory never load a library built for another CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")),
-                         [])
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
-
-
-def _compile(command: list[str], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-        src, lib = os.path.join(tmp, "msda.cpp"), os.path.join(tmp, "msda.so")
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        subprocess.run([*command, src, "-o", lib], check=True, capture_output=True, text=True,
-                       timeout=300)
-        os.replace(lib, path)  # atomic: concurrent processes never load a half-written file
-
-
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    i64, ptr_t = ctypes.c_int64, ctypes.c_void_p
     for name in ("f32", "f64"):
-        getattr(lib, f"msda_forward_{name}").argtypes = [ptr] * 6 + [i64] * 7 + [ctypes.c_int]
-        getattr(lib, f"msda_backward_{name}").argtypes = [ptr] * 9 + [i64] * 7 + [ctypes.c_int]
+        getattr(lib, f"msda_forward_{name}").argtypes = [ptr_t] * 6 + [i64] * 7 + [ctypes.c_int]
+        getattr(lib, f"msda_backward_{name}").argtypes = [ptr_t] * 9 + [i64] * 7 + [ctypes.c_int]
 
 
-def load() -> Optional[ctypes.CDLL]:
-    """Build (once per source and build command) and load the kernel; None if that fails."""
-    global _lib, _failed
-    if _lib is not None or _failed:
-        return _lib
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
-    errors = []
-    # Without OpenMP (e.g. Apple clang) the kernel still builds, single-threaded.
-    for extra in (_cpu_flags() + ["-fopenmp"], []):
-        command = [*compiler, *_FLAGS, *extra]
-        key = hashlib.sha256("\0".join([_SOURCE, *command]).encode()).hexdigest()[:16]
-        path = os.path.join(_build_dir(), f"msda_{key}.so")
-        try:
-            if not os.path.exists(path):
-                _compile(command, path)
-            lib = ctypes.CDLL(path)
-            _declare(lib)
-            _lib = lib
-            return _lib
-        except (OSError, subprocess.SubprocessError) as e:
-            errors.append(f"{' '.join(command)}: {e}\n{getattr(e, 'stderr', None) or ''}"[-2000:])
-    _failed = True
-    warnings.warn("detrkit: could not build the CPU kernel of ms_deform_attn; using the slower "
-                  "grid_sample reference instead. " + "\n".join(errors), RuntimeWarning,
-                  stacklevel=4)
-    return None
+KERNEL = CompiledLibrary("msda", _SOURCE, _declare, "the slower grid_sample reference")
+load = KERNEL.load
 
 
 def _num_threads(loc: Tensor) -> int:
-    # About 0.3 ms of work per thread at least: waking the thread pool costs more than that
-    # on small calls, and far more on a busy machine.
-    return max(1, min(torch.get_num_threads(), loc[..., 0].numel() // 16384))
-
-
-def _ptr(t: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+    return num_threads(loc[..., 0].numel(), 16384)  # about 0.3 ms of work per thread at least
 
 
 class _MSDeformAttnCPU(torch.autograd.Function):
@@ -280,8 +206,8 @@ class _MSDeformAttnCPU(torch.autograd.Function):
                    level_start_index.to(torch.int64).contiguous(),
                    sampling_locations.contiguous(), attention_weights.contiguous())
         out = value.new_empty(B, Q, M, D)
-        kernel = getattr(_lib, f"msda_forward_{_suffix(value.dtype)}")
-        kernel(*map(_ptr, tensors), _ptr(out), B, S, M, D, Q, L, P, _num_threads(tensors[3]))
+        kernel = getattr(KERNEL.load(), f"msda_forward_{_suffix(value.dtype)}")
+        kernel(*map(ptr, tensors), ptr(out), B, S, M, D, Q, L, P, _num_threads(tensors[3]))
         ctx.save_for_backward(*tensors)
         return out.view(B, Q, M * D)
 
@@ -293,8 +219,8 @@ class _MSDeformAttnCPU(torch.autograd.Function):
         _, Q, _, L, P, _ = loc.shape
         grad_value = torch.zeros_like(value)
         grad_loc, grad_attn = torch.empty_like(loc), torch.empty_like(attn)
-        kernel = getattr(_lib, f"msda_backward_{_suffix(value.dtype)}")
-        kernel(*map(_ptr, (value, shapes, starts, loc, attn, grad_out.contiguous(), grad_value,
+        kernel = getattr(KERNEL.load(), f"msda_backward_{_suffix(value.dtype)}")
+        kernel(*map(ptr, (value, shapes, starts, loc, attn, grad_out.contiguous(), grad_value,
                            grad_loc, grad_attn)),
                B, S, M, D, Q, L, P, _num_threads(loc))
         return grad_value, None, None, grad_loc, grad_attn
