@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from detrkit.errors import DetrkitError
+from detrkit.recollection import MODES
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, split_default: str = "val") -> None:
@@ -70,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg.train.epochs = args.epochs
     if args.time_limit is not None:
         cfg.train.time_limit = args.time_limit
+    if args.recollection is not None:
+        cfg.model.recollection = args.recollection
     if args.backbone_weights:
         cfg.model.backbone.weights = args.backbone_weights
     device = distributed.init_from_env()
@@ -236,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--epochs", type=int)
     p.add_argument("--time-limit", type=float, help="seconds of training before stopping cleanly")
+    p.add_argument("--recollection", choices=MODES,
+                   help="query recollection in training (model.recollection): sqr, dqr, recurrent or none")
     p.add_argument("--backbone-weights", metavar="FILE",
                    help="torchvision ResNet state dict (.pth or .safetensors) to start the backbone from")
     p.add_argument("--no-eval", action="store_true")

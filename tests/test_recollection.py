@@ -230,7 +230,7 @@ def test_recurrent_model_runs_the_last_stage_t_times(preset_name):
 def test_recurrent_command_saves_the_last_stage_alone(tiny_root, tiny_overrides, tmp_path, capsys):
     run, single = tmp_path / "run", tmp_path / "single"
     assert main(["train", "--data", str(tiny_root), "--out", str(run), "--no-eval", *tiny_overrides,
-                 "--set", "model.recollection=recurrent", "--set", "model.transformer.num_decoder_layers=2"]) == 0
+                 "--recollection", "recurrent", "--set", "model.transformer.num_decoder_layers=2"]) == 0
     capsys.readouterr()
     assert main(["recurrent", str(run), "--out", str(single), "--steps", "4"]) == 0
     printed = capsys.readouterr().out
