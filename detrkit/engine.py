@@ -262,7 +262,7 @@ class Run:
                 scaler.update()
                 self.step_in_epoch += 1
                 self.global_step += 1
-                self.elapsed = time.monotonic() - start
+                self.elapsed = distributed.from_main(time.monotonic() - start)
                 for k in ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"):
                     if k in losses:
                         sums[k] = sums.get(k, 0.0) + losses[k].item()
