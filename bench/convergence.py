@@ -1,11 +1,11 @@
 """DETR vs Deformable DETR: the same synthetic data, the same settings, the same wall time on this CPU.
 
-The Deformable DETR paper's claims are much faster convergence and better small objects. Both
-small presets are trained from scratch with the demo's data settings for ``--minutes`` each (one
-after the other, so they do not share the CPU), then evaluated on the held-out split. Prints AP,
-AP50, AP_small of each and the ratio Deformable / DETR.
+The Deformable DETR paper's claims are much faster convergence and better small objects. The small
+presets are trained from scratch with the demo's data settings for ``--minutes`` each (one after
+the other, so they do not share the CPU), then evaluated on the held-out split. Prints AP, AP50,
+AP_small... of each and each one's ratio to the first (DETR).
 
-    python bench/convergence.py [--minutes 10] [--data runs/bench/shapes]
+    python bench/convergence.py [--minutes 10] [--data runs/bench/shapes] [--presets detr_small ...]
 """
 from __future__ import annotations
 
@@ -40,19 +40,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--data", default="runs/bench/shapes")
+    parser.add_argument("--presets", nargs="+", default=["detr_small", "deformable_detr_small",
+                                                         "deformable_detr_small_two_stage"])
     args = parser.parse_args()
     data = Path(args.data)
     if not (data / "val" / "annotations.json").exists():
         generate(data, num_train=2000, num_val=200, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {p: train(p, data, args.minutes * 60, Path(tmp)) for p in ("detr_small", "deformable_detr_small")}
-    detr, deform = results["detr_small"], results["deformable_detr_small"]
-    print(f"\nsame data, {args.minutes:g} min of training each on this CPU ({torch.get_num_threads()} threads)")
-    print(f"{'':8} {'DETR':>8} {'Deformable':>11} {'ratio':>7}")
+        results = {p: train(p, data, args.minutes * 60, Path(tmp)) for p in args.presets}
+    first = results[args.presets[0]]
+    print(f"\nsame data, {args.minutes:g} min of training each on this CPU ({torch.get_num_threads()} threads); "
+          f"ratios to {args.presets[0]}")
+    width = max(map(len, args.presets))
+    print(f"{'':8}" + "".join(f" {p:>{width}} {'ratio':>6}" for p in args.presets))
     for key in ("AP", "AP50", "APs", "APm", "APl", "steps"):
-        ratio = deform[key] / detr[key] if detr[key] > 0 else float("inf")
-        print(f"{key:8} {detr[key]:8.3f} {deform[key]:11.3f} {ratio:7.2f}" if key != "steps"
-              else f"{key:8} {detr[key]:8d} {deform[key]:11d} {ratio:7.2f}")
+        cells = []
+        for p in args.presets:
+            value, ratio = results[p][key], results[p][key] / first[key] if first[key] > 0 else float("inf")
+            cells.append(f" {value:{width}d} {ratio:6.2f}" if key == "steps" else f" {value:{width}.3f} {ratio:6.2f}")
+        print(f"{key:8}" + "".join(cells))
     print(json.dumps(results))
 
 

@@ -8,10 +8,12 @@ as the run that was not interrupted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -129,13 +131,27 @@ def lr_factor(cfg: TrainConfig, epoch: int, global_step: int) -> float:
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision where the hardware supports it: bf16 where available, else fp16 (CUDA)."""
+    """Mixed precision where the hardware supports it: bf16 where available, else fp16 (CUDA).
+    A CPU without oneDNN's bf16 kernels (before AVX-512) would emulate bf16 slower than float32,
+    so there it stays in float32, with one warning."""
     if not enabled:
         return contextlib.nullcontext()
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and not cpu_has_bf16():
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has fast bf16 kernels for this CPU (AVX-512 and later)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private; absent from some builds
+    supported = bool(check and check())
+    if not supported:
+        warnings.warn("train.amp: this CPU has no fast bfloat16 kernels; running in float32", stacklevel=2)
+    return supported
 
 
 def to_device(images: torch.Tensor, mask: torch.Tensor, targets: list[dict], device: torch.device):

@@ -1,4 +1,5 @@
-"""Training loop: exact resumption, atomic checkpoints, and the stop on a non-finite loss."""
+"""Training loop: the learning-rate schedule, mixed precision, exact resumption, atomic checkpoints,
+and the stop on a non-finite loss."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,14 @@ import pytest
 import torch
 
 import detrkit
-from detrkit import checkpoint
+from detrkit import checkpoint, config, presets
 from detrkit.data.coco import CategoryMap, CocoDetection, resolve_split
 from detrkit.data.transforms import make_transforms
-from detrkit.engine import Run, compute_losses
+from detrkit.config import TrainConfig
+from detrkit.engine import Run, compute_losses, lr_factor
 from detrkit.errors import CheckpointError, TrainingError
+
+from conftest import TINY_OVERRIDES
 
 CPU = torch.device("cpu")
 
@@ -34,6 +38,14 @@ def logged(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
 
 def quiet(_: str) -> None:
     pass
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+def test_lr_drops_at_its_epoch_after_the_warmup():
+    cfg = TrainConfig(lr_drop=3, warmup_steps=4)
+    assert [lr_factor(cfg, 0, step) for step in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(cfg, 2, 100) == 1.0 and lr_factor(cfg, 3, 100) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------- resumption
@@ -270,3 +282,24 @@ def test_overflowing_total_is_reported_as_such():
     targets = [{"image_id": torch.tensor(7)}, {"image_id": torch.tensor(9)}]
     with pytest.raises(TrainingError, match=r"total.*images \[7, 9\]"):
         compute_losses(criterion, {"pred_boxes": torch.zeros(2, 1, 4)}, targets)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+@pytest.mark.parametrize("bf16_kernels", [True, False])
+def test_cpu_amp_trains_in_bfloat16_where_the_cpu_has_it(tiny_root, tiny_config, tmp_path, monkeypatch, bf16_kernels):
+    from detrkit import engine
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: bf16_kernels)
+    cfg = config.apply_overrides(presets.deformable_detr_small_two_stage(),
+                                 TINY_OVERRIDES + ["train.amp=true", "train.epochs=2"])
+    train, val = datasets(tiny_root, cfg)
+    run = Run(cfg, train.categories, tmp_path / "run", CPU)
+    seen, losses = [], []
+    run.model.transformer.decoder.layers[0].linear1.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    compute = engine.compute_losses
+    monkeypatch.setattr(engine, "compute_losses", lambda *a: losses.append(compute(*a)) or losses[-1])
+    stats = run.train(train, val, echo=quiet)
+    assert set(seen) == {torch.bfloat16 if bf16_kernels else torch.float32}  # training and evaluation
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for step in losses for v in step.values())
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())  # the weights stay float32
+    assert 0 <= stats["AP"] <= 1
