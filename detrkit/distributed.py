@@ -62,8 +62,8 @@ def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
 
 def from_main(value: float) -> float:
     """Rank 0's ``value`` on every process. The training clock goes through this so that every
-    process stops (and changes its learning rate) after the same step: one that stopped alone
-    would leave the others waiting forever in their next all-reduce."""
+    process stops after the same step: one that stopped alone would leave the others waiting
+    forever in their next all-reduce."""
     if not is_distributed():
         return value
     t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")

@@ -287,7 +287,7 @@ def test_overflowing_total_is_reported_as_such():
 # ---------------------------------------------------------------- mixed precision
 
 @pytest.mark.parametrize("bf16_kernels", [True, False])
-def test_cpu_amp_trains_in_bfloat16_where_the_cpu_has_it(tiny_root, tiny_config, tmp_path, monkeypatch, bf16_kernels):
+def test_cpu_amp_trains_in_bfloat16_where_the_cpu_has_it(tiny_root, tmp_path, monkeypatch, bf16_kernels):
     from detrkit import engine
     monkeypatch.setattr(engine, "cpu_has_bf16", lambda: bf16_kernels)
     cfg = config.apply_overrides(presets.deformable_detr_small_two_stage(),
