@@ -131,20 +131,18 @@ def test_image_alone_and_padded_in_a_batch_give_the_same_detections(trained_run,
 
 
 def box_quality_per_layer(detector: detrkit.Detector, shapes_root: Path) -> list[float]:
-    """Mean IoU with its object of each query the last layer matches (Hungarian, as in training),
-    followed back through the layers: that query's box at the decoder's input (two-stage: its
-    encoder proposal; omitted for 2-d reference points), then after each decoder layer."""
+    """For a two-stage model: mean IoU with its object of each query the last layer matches
+    (Hungarian, as in training), followed back through the layers: that query's encoder proposal
+    (the decoder's input box), then its box after each decoder layer."""
     dataset = CocoDetection(shapes_root / "images", shapes_root / "annotations.json",
                             make_transforms(detector.cfg.data, train=False))
     images, mask, targets = collate([dataset[i] for i in range(len(dataset))])
-    inputs = []
-    hook = detector.model.transformer.decoder.register_forward_hook(lambda m, args, out: inputs.append(args[1]))
+    proposals = []
+    hook = detector.model.transformer.decoder.register_forward_hook(lambda m, args, out: proposals.append(args[1]))
     with torch.no_grad():
         out = detector.model(images, mask)
     hook.remove()
-    layers = [o["pred_boxes"] for o in out["aux_outputs"]] + [out["pred_boxes"]]
-    if inputs[0].shape[-1] == 4:
-        layers.insert(0, inputs[0])
+    layers = [proposals[0]] + [o["pred_boxes"] for o in out["aux_outputs"]] + [out["pred_boxes"]]
     matched = build_criterion(detector.cfg).matcher(out, targets)
     quality = []
     for boxes in layers:
