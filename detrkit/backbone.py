@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from detrkit.config import BackboneConfig, ConfigError
 from detrkit.checkpoint import load_state_dict_strict
 from detrkit.errors import CheckpointError
+from detrkit.ops.winograd import conv2d
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 NormLayer = Callable[[int], nn.Module]
@@ -60,9 +61,9 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     channels_last = x.is_contiguous(memory_format=torch.channels_last)
     if isinstance(norm, FrozenBatchNorm2d):
         weight, bias = _folded(conv, norm, channels_last)
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     weight = conv.weight.contiguous(memory_format=torch.channels_last) if channels_last else conv.weight
-    return norm(F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups))
+    return norm(conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups))
 
 
 def _folded(conv: nn.Conv2d, norm: FrozenBatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.config import TransformerConfig
-from detrkit.ops.dropout import Dropout
+from detrkit.ops.dropout import Dropout, dropout
 from detrkit.recollection import State, run_stages
 
 
@@ -48,15 +48,30 @@ class MultiheadAttention(nn.Module):
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q, k, v = (self._heads(F.linear(x, w, b)) for x, w, b in
                    ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
-        attn_mask = None
-        if key_padding_mask is not None:
-            attn_mask = ~key_padding_mask[:, None, None, :]  # SDPA: True = take part
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0 and q.device.type == "cpu":
+            out = _attention_with_dropout(q, k, v, key_padding_mask, self.dropout)
+        else:
+            attn_mask = None
+            if key_padding_mask is not None:
+                attn_mask = ~key_padding_mask[:, None, None, :]  # SDPA: True = take part
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.nheads, -1)).transpose(1, 2)  # (B, heads, N, d_head)
+
+
+def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                            p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d)) with dropout, times v: SDPA's formula. On CPU, SDPA draws the dropout
+    mask with ``bernoulli_``, 3.5 ms per call at DETR-R50's encoder shape (2 x 8 x 256 x 256) and
+    4% of its training step; :func:`detrkit.ops.dropout.dropout` takes a tenth of that.
+    q: (B, heads, Nq, d_head); k, v: (B, heads, Nk, d_head); key_padding_mask: (B, Nk), True = ignore."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return dropout(scores.softmax(-1), p, True) @ v
 
 
 def with_pos(x: Tensor, pos: Tensor | None) -> Tensor:

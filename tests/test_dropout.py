@@ -96,3 +96,26 @@ def test_build_failure_falls_back_to_torch_with_one_warning(monkeypatch, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dropout(x, 0.5, training=True)
+
+
+def test_attention_dropout_drops_attention_weights_of_the_plain_formula():
+    """DETR's CPU training path for attention with dropout: with v the identity, the output is the
+    attention matrix itself, so each entry must be 0 or float64 softmax(q k^T / sqrt(d)) / (1 - p),
+    padded keys 0, about a fraction p dropped."""
+    from detrkit.transformer import _attention_with_dropout
+
+    torch.manual_seed(0)
+    B, heads, Nq, Nk, p = 2, 3, 50, 40, 0.25
+    q, k = torch.randn(B, heads, Nq, Nk), torch.randn(B, heads, Nk, Nk)
+    v = torch.eye(Nk).expand(B, heads, Nk, Nk)
+    padding = torch.zeros(B, Nk, dtype=torch.bool)
+    padding[1, 30:] = True
+    out = _attention_with_dropout(q, k, v, padding, p).double()
+    scores = q.double() @ k.double().transpose(-2, -1) / Nk ** 0.5
+    expected = scores.masked_fill(padding[:, None, None, :], float("-inf")).softmax(-1) / (1 - p)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], expected[kept], rtol=1e-5, atol=1e-7)
+    assert not kept[1, :, :, 30:].any()
+    valid = ~padding[:, None, None, :].expand_as(kept)
+    dropped = (~kept[valid]).double().mean().item()
+    assert abs(dropped - p) < 6 * (p * (1 - p) / valid.sum().item()) ** 0.5
