@@ -65,8 +65,9 @@ class MultiheadAttention(nn.Module):
 def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
                             p: float) -> Tensor:
     """softmax(q k^T / sqrt(d)) with dropout, times v: SDPA's formula. On CPU, SDPA draws the dropout
-    mask with ``bernoulli_``, 3.5 ms per call at DETR-R50's encoder shape (2 x 8 x 256 x 256) and
-    4% of its training step; :func:`detrkit.ops.dropout.dropout` takes a tenth of that.
+    mask with ``bernoulli_``, 3.5 ms per call at DETR-R50's encoder shape (2 x 8 x 256 x 256); with
+    :func:`detrkit.ops.dropout.dropout` instead, DETR-R50's transformer forward + backward took
+    0.38 s instead of 0.44 s (batch 2, 512x512).
     q: (B, heads, Nq, d_head); k, v: (B, heads, Nk, d_head); key_padding_mask: (B, Nk), True = ignore."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if key_padding_mask is not None:
