@@ -59,35 +59,40 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     ``x`` (channels-last on CPU, see ``Backbone.forward``), which measured faster than mixing
     layouts (bench/detr.py)."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    if isinstance(norm, FrozenBatchNorm2d):
-        weight, bias = _folded(conv, norm, channels_last)
-        return conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    weight = conv.weight.contiguous(memory_format=torch.channels_last) if channels_last else conv.weight
-    return norm(conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups))
+    frozen = isinstance(norm, FrozenBatchNorm2d)
+    weight, bias = _prepared(conv, norm if frozen else None, channels_last)
+    out = conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out if frozen else norm(out)
 
 
-def _folded(conv: nn.Conv2d, norm: FrozenBatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """The convolution's weight and bias with ``norm`` folded in. Recomputed when gradients must
-    flow through it; otherwise (inference, frozen layers) kept on ``conv`` until a weight or
-    statistic changes (their version counters move on every in-place update, optimiser steps and
-    ``load_state_dict`` included) or the weights move to another device or dtype."""
+def _prepared(conv: nn.Conv2d, frozen_norm: FrozenBatchNorm2d | None,
+              channels_last: bool) -> tuple[Tensor, Tensor | None]:
+    """The convolution's weight in the input's layout and its bias, with ``frozen_norm`` folded in
+    when given. Recomputed when gradients must flow through it; otherwise (inference, frozen
+    layers) kept on ``conv`` until a weight or statistic changes (their version counters move on
+    every in-place update, optimiser steps and ``load_state_dict`` included) or the weights move
+    to another device or dtype."""
     if torch.is_grad_enabled() and conv.weight.requires_grad:
-        return _fold(conv, norm, channels_last)
-    tensors = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        return _prepare(conv, frozen_norm, channels_last)
+    tensors = (conv.weight,) if frozen_norm is None else (
+        conv.weight, frozen_norm.weight, frozen_norm.bias, frozen_norm.running_mean, frozen_norm.running_var)
     key = (channels_last, conv.weight.data_ptr(), conv.weight.dtype, *(t._version for t in tensors))
-    cached = getattr(conv, "_folded_cache", None)
+    cached = getattr(conv, "_prepared_cache", None)
     if cached is None or cached[0] != key:
         # inference-mode tensors could not be saved for a later backward: keep those uncached
         if torch.is_inference_mode_enabled():
-            return _fold(conv, norm, channels_last)
-        cached = conv._folded_cache = (key, *_fold(conv, norm, channels_last))
+            return _prepare(conv, frozen_norm, channels_last)
+        cached = conv._prepared_cache = (key, *_prepare(conv, frozen_norm, channels_last))
     return cached[1], cached[2]
 
 
-def _fold(conv: nn.Conv2d, norm: FrozenBatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:
-    scale, shift = norm.scale_shift()
-    weight = conv.weight * scale[:, None, None, None]
-    return (weight.contiguous(memory_format=torch.channels_last) if channels_last else weight), shift
+def _prepare(conv: nn.Conv2d, frozen_norm: FrozenBatchNorm2d | None,
+             channels_last: bool) -> tuple[Tensor, Tensor | None]:
+    weight, bias = conv.weight, None
+    if frozen_norm is not None:
+        scale, bias = frozen_norm.scale_shift()
+        weight = weight * scale[:, None, None, None]
+    return (weight.contiguous(memory_format=torch.channels_last) if channels_last else weight), bias
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:

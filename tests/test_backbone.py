@@ -115,19 +115,21 @@ def test_frozen_batchnorm_equals_batchnorm_eval():
     torch.testing.assert_close(frozen(x), bn(x), atol=1e-6, rtol=1e-6)
 
 
-def test_folded_conv_norm_follows_every_change_of_the_weights():
-    # the folded weights are kept between calls that need no gradient: they must never go stale
+def test_prepared_conv_weights_follow_every_change_of_the_weights():
+    # the folded (or channels-last) weights are kept between calls that need no gradient: never stale
     torch.manual_seed(0)
     conv, norm = nn.Conv2d(4, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8)
     norm.running_var.uniform_(0.5, 2.0)
     norm.bias.normal_()
     x = torch.randn(2, 4, 6, 6)
+    trainable_norm = nn.BatchNorm2d(8).eval()  # not folded, but its conv's channels-last weight is kept
 
     def check():
         with torch.no_grad():
             torch.testing.assert_close(conv_norm(conv, norm, x), norm(conv(x)))
             cl = x.contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(conv_norm(conv, norm, cl), norm(conv(cl)))
+            torch.testing.assert_close(conv_norm(conv, trainable_norm, cl), trainable_norm(conv(cl)))
 
     check()
     with torch.no_grad():

@@ -303,9 +303,9 @@ class _Winograd(torch.autograd.Function):
 
 # Where Winograd was slower here (batch 2 at 512x512, forward / forward + backward, ms): layer4's
 # 512x512 filters, whose Winograd-domain copy (38 MB) costs more to write than the products save
-# on 16x16 maps (direct 11.3 / 36.1, Winograd 20.9 / 46.8); and layer1's 64 channels, whose
-# products are too narrow for MKL (128x128 maps, direct 10.9 / 38.4, Winograd 15.7 / 29.1: slower
-# in the forward pass, the only one a frozen layer1 runs).
+# on 16x16 maps (direct 11.3 / 36.1, Winograd 20.9 / 46.8); and layer1's 64 channels: alone
+# 10.9 / 38.4 direct, 15.7 / 29.1 Winograd, but no faster in a trained ResNet-18's whole step
+# (their (2048 x 64) @ (64 x 64) products run far below peak).
 MAX_FILTERS = 256 * 256
 MIN_CHANNELS = 128
 
