@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from detrkit.config import BackboneConfig, ConfigError
 from detrkit.checkpoint import load_state_dict_strict
@@ -65,18 +66,31 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     return out if frozen else norm(out)
 
 
+# Optimiser steps so far, of any optimiser: fused ones (AdamW(fused=True)) update the weights in
+# place without moving their version counters, which _prepared's cache otherwise relies on.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _prepared(conv: nn.Conv2d, frozen_norm: FrozenBatchNorm2d | None,
               channels_last: bool) -> tuple[Tensor, Tensor | None]:
     """The convolution's weight in the input's layout and its bias, with ``frozen_norm`` folded in
     when given. Recomputed when gradients must flow through it; otherwise (inference, frozen
-    layers) kept on ``conv`` until a weight or statistic changes (their version counters move on
-    every in-place update, optimiser steps and ``load_state_dict`` included) or the weights move
-    to another device or dtype."""
+    layers) kept on ``conv`` until a weight or statistic changes (an optimiser step, or any other
+    in-place update: version counters move on those, ``load_state_dict`` included) or the weights
+    move to another device or dtype."""
     if torch.is_grad_enabled() and conv.weight.requires_grad:
         return _prepare(conv, frozen_norm, channels_last)
     tensors = (conv.weight,) if frozen_norm is None else (
         conv.weight, frozen_norm.weight, frozen_norm.bias, frozen_norm.running_mean, frozen_norm.running_var)
-    key = (channels_last, conv.weight.data_ptr(), conv.weight.dtype, *(t._version for t in tensors))
+    steps = _optimizer_steps[0] if conv.weight.requires_grad else None  # frozen weights: not stepped
+    key = (channels_last, conv.weight.data_ptr(), conv.weight.dtype, steps, *(t._version for t in tensors))
     cached = getattr(conv, "_prepared_cache", None)
     if cached is None or cached[0] != key:
         # inference-mode tensors could not be saved for a later backward: keep those uncached
