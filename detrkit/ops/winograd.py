@@ -104,27 +104,30 @@ static inline void store(const vec& v, int cb, float* dst) {
     else for (int k = 0; k < cb; ++k) dst[k] = v[k];
 }
 
-// R x R blocks of CB channels from and to: an image (pixels of tile n at offset o, zero or
-// skipped outside the image), or a Winograd-domain tensor (rows, N, C) at tile n.
+// The pixels of tile n (see Tiles::pixel), once per tile rather than once per channel block.
 template <int R>
-static inline void read_tile(const float* img, const Tiles& t, int64_t n, int o, int64_t C, int64_t c0,
-                             int cb, vec (&tile)[R][R]) {
+static inline void tile_pixels(const Tiles& t, int64_t n, int o, int64_t (&pix)[R][R]) {
     for (int i = 0; i < R; ++i)
-        for (int j = 0; j < R; ++j) {
-            const int64_t p = t.pixel(n, i, j, o);
-            tile[i][j] = p < 0 ? vec{} : load(img + p * C + c0, cb);
-        }
+        for (int j = 0; j < R; ++j) pix[i][j] = t.pixel(n, i, j, o);
+}
+
+// R x R blocks of CB channels from and to: an image (a tile's pixels, zero or skipped outside
+// the image), or a Winograd-domain tensor (rows, N, C) at tile n.
+template <int R>
+static inline void read_tile(const float* img, const int64_t (&pix)[R][R], int64_t C, int64_t c0, int cb,
+                             vec (&tile)[R][R]) {
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < R; ++j) tile[i][j] = pix[i][j] < 0 ? vec{} : load(img + pix[i][j] * C + c0, cb);
 }
 
 // accumulate: img += tile (the adjoint of read_tile), else img = tile + bias
 template <int R, bool accumulate>
-static inline void write_tile(const vec (&tile)[R][R], const vec& bias, const Tiles& t, int64_t n, int o,
+static inline void write_tile(const vec (&tile)[R][R], const vec& bias, const int64_t (&pix)[R][R],
                               int64_t C, int64_t c0, int cb, float* img) {
     for (int i = 0; i < R; ++i)
         for (int j = 0; j < R; ++j) {
-            const int64_t p = t.pixel(n, i, j, o);
-            if (p < 0) continue;
-            float* dst = img + p * C + c0;
+            if (pix[i][j] < 0) continue;
+            float* dst = img + pix[i][j] * C + c0;
             store(accumulate ? load(dst, cb) + tile[i][j] : tile[i][j] + bias, cb, dst);
         }
 }
@@ -150,13 +153,16 @@ extern "C" void winograd_input(const float* x, float* V, int64_t Bn, int64_t H, 
                                int nthreads) {
     const Tiles t(Bn, H, W);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < t.N; ++n)
+    for (int64_t n = 0; n < t.N; ++n) {
+        int64_t pix[6][6];
+        tile_pixels(t, n, -1, pix);
         for (int64_t c0 = 0; c0 < C; c0 += CB) {
             vec d[6][6], v[6][6];
-            read_tile(x, t, n, -1, C, c0, block(C, c0), d);
+            read_tile(x, pix, C, c0, block(C, c0), d);
             transform(BT, d, v);
             write_domain(v, t.N, n, C, c0, block(C, c0), V);
         }
+    }
 }
 
 extern "C" void winograd_input_backward(const float* dV, float* dx, int64_t Bn, int64_t H, int64_t W,
@@ -166,11 +172,13 @@ extern "C" void winograd_input_backward(const float* dV, float* dx, int64_t Bn, 
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t n = 0; n < t.N; ++n) {
             if ((n / t.TW % t.TH % 2) * 2 + n % t.TW % 2 != parity) continue;
+            int64_t pix[6][6];
+            tile_pixels(t, n, -1, pix);
             for (int64_t c0 = 0; c0 < C; c0 += CB) {
                 vec v[6][6], d[6][6];
                 read_domain(dV, t.N, n, C, c0, block(C, c0), v);
                 transform(B, v, d);
-                write_tile<6, true>(d, vec{}, t, n, -1, C, c0, block(C, c0), dx);
+                write_tile<6, true>(d, vec{}, pix, C, c0, block(C, c0), dx);
             }
         }
     }
@@ -205,26 +213,32 @@ extern "C" void winograd_output(const float* M, const float* bias, float* y, int
                                 int64_t W, int64_t O, int nthreads) {
     const Tiles t(Bn, H, W);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < t.N; ++n)
+    for (int64_t n = 0; n < t.N; ++n) {
+        int64_t pix[4][4];
+        tile_pixels(t, n, 0, pix);
         for (int64_t c0 = 0; c0 < O; c0 += CB) {
             vec m[6][6], out[4][4];
             read_domain(M, t.N, n, O, c0, block(O, c0), m);
             transform(AT, m, out);
-            write_tile<4, false>(out, bias ? load(bias + c0, block(O, c0)) : vec{}, t, n, 0, O, c0, block(O, c0), y);
+            write_tile<4, false>(out, bias ? load(bias + c0, block(O, c0)) : vec{}, pix, O, c0, block(O, c0), y);
         }
+    }
 }
 
 extern "C" void winograd_output_backward(const float* dy, float* dM, int64_t Bn, int64_t H, int64_t W,
                                          int64_t O, int nthreads) {
     const Tiles t(Bn, H, W);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < t.N; ++n)
+    for (int64_t n = 0; n < t.N; ++n) {
+        int64_t pix[4][4];
+        tile_pixels(t, n, 0, pix);
         for (int64_t c0 = 0; c0 < O; c0 += CB) {
             vec g[4][4], m[6][6];
-            read_tile(dy, t, n, 0, O, c0, block(O, c0), g);
+            read_tile(dy, pix, O, c0, block(O, c0), g);
             transform(A, g, m);
             write_domain(m, t.N, n, O, c0, block(O, c0), dM);
         }
+    }
 }
 """
 
