@@ -43,27 +43,36 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def scale_shift(self) -> tuple[Tensor, Tensor]:
-        """The per-channel affine map this layer applies: y = x * scale + shift, each (C,)."""
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return scale, self.bias - self.running_mean * scale
-
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        scale, shift = self.scale_shift()
+        scale, shift = scale_shift(self)
         return x * scale[:, None, None] + shift[:, None, None]
 
 
+def scale_shift(norm: FrozenBatchNorm2d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The per-channel affine map of a batch norm with fixed statistics: y = x * scale + shift,
+    each (C,)."""
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    return scale, norm.bias - norm.running_mean * scale
+
+
+def _folds(norm: nn.Module) -> bool:
+    """Whether ``norm`` is an affine map that can fold into the convolution before it: a frozen
+    batch norm, or a trainable one in eval mode (running statistics)."""
+    return isinstance(norm, FrozenBatchNorm2d) or (
+        isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats and norm.affine)
+
+
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(conv(x))``. A frozen batch norm is folded into the convolution (weight * scale, bias
-    shift): one pass over the feature map instead of three. The weight takes the memory layout of
-    ``x`` (channels-last on CPU, see ``Backbone.forward``), which measured faster than mixing
-    layouts (bench/detr.py)."""
+    """``norm(conv(x))``. A batch norm with fixed statistics (frozen, or in eval mode) is folded
+    into the convolution (weight * scale, bias shift): one pass over the feature map instead of
+    three. The weight takes the memory layout of ``x`` (channels-last on CPU, see
+    ``Backbone.forward``), which measured faster than mixing layouts (bench/detr.py)."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    frozen = isinstance(norm, FrozenBatchNorm2d)
-    weight, bias = _prepared(conv, norm if frozen else None, channels_last)
+    folded = _folds(norm)
+    weight, bias = _prepared(conv, norm if folded else None, channels_last)
     out = conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return out if frozen else norm(out)
+    return out if folded else norm(out)
 
 
 # Optimiser steps so far, of any optimiser: fused ones (AdamW(fused=True)) update the weights in
@@ -78,33 +87,35 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def _prepared(conv: nn.Conv2d, frozen_norm: FrozenBatchNorm2d | None,
+def _prepared(conv: nn.Conv2d, norm: FrozenBatchNorm2d | nn.BatchNorm2d | None,
               channels_last: bool) -> tuple[Tensor, Tensor | None]:
-    """The convolution's weight in the input's layout and its bias, with ``frozen_norm`` folded in
-    when given. Recomputed when gradients must flow through it; otherwise (inference, frozen
-    layers) kept on ``conv`` until a weight or statistic changes (an optimiser step, or any other
-    in-place update: version counters move on those, ``load_state_dict`` included) or the weights
-    move to another device or dtype."""
-    if torch.is_grad_enabled() and conv.weight.requires_grad:
-        return _prepare(conv, frozen_norm, channels_last)
-    tensors = (conv.weight,) if frozen_norm is None else (
-        conv.weight, frozen_norm.weight, frozen_norm.bias, frozen_norm.running_mean, frozen_norm.running_var)
-    steps = _optimizer_steps[0] if conv.weight.requires_grad else None  # frozen weights: not stepped
+    """The convolution's weight in the input's layout and its bias, with ``norm`` (fixed
+    statistics) folded in when given. Recomputed when gradients must flow through it; otherwise
+    (inference, frozen layers) kept on ``conv`` until a weight or statistic changes (an optimiser
+    step, or any other in-place update: version counters move on those, ``load_state_dict``
+    included) or the weights move to another device or dtype."""
+    # a batch norm's training-mode updates of its running statistics move no version counter,
+    # but its num_batches_tracked (a buffer) counts them
+    tensors = (conv.weight,) if norm is None else (conv.weight, *norm.parameters(), *norm.buffers())
+    trained = any(t.requires_grad for t in tensors)
+    if torch.is_grad_enabled() and trained:
+        return _prepare(conv, norm, channels_last)
+    steps = _optimizer_steps[0] if trained else None  # frozen weights are not stepped
     key = (channels_last, conv.weight.data_ptr(), conv.weight.dtype, steps, *(t._version for t in tensors))
     cached = getattr(conv, "_prepared_cache", None)
     if cached is None or cached[0] != key:
         # inference-mode tensors could not be saved for a later backward: keep those uncached
         if torch.is_inference_mode_enabled():
-            return _prepare(conv, frozen_norm, channels_last)
-        cached = conv._prepared_cache = (key, *_prepare(conv, frozen_norm, channels_last))
+            return _prepare(conv, norm, channels_last)
+        cached = conv._prepared_cache = (key, *_prepare(conv, norm, channels_last))
     return cached[1], cached[2]
 
 
-def _prepare(conv: nn.Conv2d, frozen_norm: FrozenBatchNorm2d | None,
+def _prepare(conv: nn.Conv2d, norm: FrozenBatchNorm2d | nn.BatchNorm2d | None,
              channels_last: bool) -> tuple[Tensor, Tensor | None]:
     weight, bias = conv.weight, None
-    if frozen_norm is not None:
-        scale, bias = frozen_norm.scale_shift()
+    if norm is not None:
+        scale, bias = scale_shift(norm)
         weight = weight * scale[:, None, None, None]
     return (weight.contiguous(memory_format=torch.channels_last) if channels_last else weight), bias
 
@@ -215,7 +226,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: (B, 3, H, W) -> {"layer1": (B, C1, H/4, W/4), ..., "layer4": (B, C4, H/32, W/32)}."""
-        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
+        # ReLU and max-pooling commute; after the pooling, the ReLU and its backward touch 4x less memory
+        x = self.relu(self.maxpool(conv_norm(self.conv1, self.bn1, x)))
         out = {}
         for name in STAGES:
             x = getattr(self, name)(x)
@@ -259,7 +271,9 @@ class Backbone(nn.Module):
         unknown = [name for name in return_layers if name not in STAGES]
         if unknown or not return_layers:
             raise ValueError(f"return_layers must be a non-empty subset of {STAGES}, got {tuple(return_layers)}")
-        self.body = resnet(cfg.name, (False, False, cfg.dilation), cfg.norm)
+        # The convolution weights are kept channels-last: the layout the convolutions run in (see
+        # forward), so that no step copies them into it and back again. Loading keeps the layout.
+        self.body = resnet(cfg.name, (False, False, cfg.dilation), cfg.norm).to(memory_format=torch.channels_last)
         if cfg.weights:
             load_backbone_weights(self.body, cfg.weights)
         unknown = set(cfg.frozen) - {"stem", *STAGES}

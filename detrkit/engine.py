@@ -110,6 +110,16 @@ def param_lr(name: str, cfg: TrainConfig, backbone_prefix: str = "backbone.") ->
     return cfg.lr
 
 
+def _match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimiser state the parameter's memory layout (the backbone's
+    channels-last weights): fused AdamW walks a parameter and its state in memory order, so a
+    state loaded contiguous would silently update the wrong elements."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, backbone_prefix: str = "backbone.") -> torch.optim.Optimizer:
     """AdamW with one group per learning rate (:func:`param_lr`); frozen parameters left out.
 
@@ -224,6 +234,7 @@ class Run:
         checkpoint.load_state_dict_strict(self.model, checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE), str(ckpt))
         torch.set_rng_state(tensors.pop("rng.torch"))
         self.optimizer.load_state_dict(checkpoint.optimizer_from_tensors(tensors, state["optimizer"]))
+        _match_state_layouts(self.optimizer)
         random.setstate(_tuples(state["rng_python"]))
         np.random.set_state(tuple(np.array(x, dtype=np.uint32) if isinstance(x, list) else x
                                   for x in state["rng_numpy"]))

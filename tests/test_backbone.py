@@ -118,8 +118,8 @@ def test_frozen_batchnorm_equals_batchnorm_eval():
 @pytest.mark.parametrize("norm_kind, layout", [("frozen", torch.contiguous_format), ("frozen", torch.channels_last),
                                                ("trainable", torch.channels_last)])
 def test_prepared_conv_weights_follow_every_change_of_the_weights(norm_kind, layout):
-    # the folded (frozen BN) or channels-last weights are kept between calls that need no gradient:
-    # they must never go stale
+    # the folded weights (frozen BN, or trainable BN in eval mode) are kept between calls that need
+    # no gradient: they must never go stale
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
     norm = FrozenBatchNorm2d(8) if norm_kind == "frozen" else nn.BatchNorm2d(8).eval()
@@ -131,8 +131,8 @@ def test_prepared_conv_weights_follow_every_change_of_the_weights(norm_kind, lay
         with torch.no_grad():
             torch.testing.assert_close(conv_norm(conv, norm, x), norm(conv(x)))
             # the premise: the second call is served from the cache
-            assert _prepared(conv, norm if norm_kind == "frozen" else None, layout == torch.channels_last)[0] \
-                is _prepared(conv, norm if norm_kind == "frozen" else None, layout == torch.channels_last)[0]
+            assert _prepared(conv, norm, layout == torch.channels_last)[0] \
+                is _prepared(conv, norm, layout == torch.channels_last)[0]
 
     check()
     with torch.no_grad():
@@ -149,6 +149,15 @@ def test_prepared_conv_weights_follow_every_change_of_the_weights(norm_kind, lay
     assert conv.weight._version == version  # (if torch starts counting, this test can say so)
     check()
     conv.weight.grad = None
+    if norm_kind == "trainable":  # its affine parameters are stepped too
+        norm.weight.grad = torch.randn_like(norm.weight)
+        torch.optim.AdamW([norm.weight], lr=0.1, fused=True).step()
+        check()
+        norm.train()  # batch statistics: not folded
+        torch.testing.assert_close(conv_norm(conv, norm, x), nn.functional.batch_norm(
+            conv(x), None, None, norm.weight, norm.bias, training=True))
+        norm.eval()
+        check()  # the running statistics moved in that call
     conv.weight.data = conv.weight.data.double()  # a move to another dtype: new storage
     with torch.no_grad():
         norm.double()
@@ -180,6 +189,9 @@ def test_backbone_loads_cfg_weights(r18_checkpoint):
     backbone = Backbone(BackboneConfig(name="resnet18", weights=str(folder / "r18.pth")))
     for k, v in ref.state_dict().items():
         assert torch.equal(backbone.body.state_dict()[k], v), k
+    # loaded into the layout the convolutions run in
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
 
 
 EXPECTED_CHANNELS = {"resnet18": [128, 256, 512], "resnet34": [128, 256, 512],

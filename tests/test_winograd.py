@@ -77,7 +77,13 @@ def test_taken_only_where_it_applies():
     assert not applies(x.contiguous(), w, 1, 1, 1, 1)  # channels-first input
     assert not applies(x.double(), w.double(), 1, 1, 1, 1)
     x64 = torch.randn(1, 64, 12, 12).contiguous(memory_format=CL)
-    assert not applies(x64, w[:64, :64], 1, 1, 1, 1)  # few channels: direct is as fast
+    assert not applies(x64, w[:64, :64], 1, 1, 1, 1)  # 64 channels: direct is faster forward...
+    assert applies(x64, w[:64, :64].requires_grad_(), 1, 1, 1, 1)  # ... but not forward + backward
+    assert applies(x64.requires_grad_(), w[:64, :64], 1, 1, 1, 1)
+    with torch.no_grad():
+        assert not applies(x64, w[:64, :64].requires_grad_(), 1, 1, 1, 1)
+    assert not applies(torch.randn(1, 32, 12, 12, requires_grad=True).contiguous(memory_format=CL),
+                       w[:32, :32], 1, 1, 1, 1)
     assert not applies(torch.randn(1, 512, 12, 12).contiguous(memory_format=CL), torch.randn(512, 512, 3, 3),
                        1, 1, 1, 1)  # layer4's filters: their Winograd-domain copy costs more than it saves
     assert not applies(x, w[:, :, :1, :1], 1, 0, 1, 1)  # 1x1
@@ -96,7 +102,11 @@ def test_resnet50_features_with_winograd_match_the_direct_convolutions(monkeypat
     apply = _Winograd.apply
     monkeypatch.setattr(_Winograd, "apply", lambda *args: calls.append(args[0].shape) or apply(*args))
     fast = [f for f, _ in backbone(images, mask)]
-    assert len(calls) == 3 + 5  # the stride-1 3x3 convolutions of layer2 (128 ch) and layer3 (256)
+    # the stride-1 3x3 convolutions of layer1 (64 ch: trained here), layer2 (128) and layer3 (256)
+    assert len(calls) == 3 + 3 + 5
+    with torch.no_grad():
+        backbone(images, mask)
+    assert len(calls) == 2 * (3 + 3 + 5) - 3  # not layer1's, forward only
     monkeypatch.setattr(winograd, "applies", lambda *args: False)
     direct = [f for f, _ in backbone(images, mask)]
     for a, b in zip(fast, direct):

@@ -317,19 +317,24 @@ class _Winograd(torch.autograd.Function):
 
 # Where Winograd was slower here (batch 2 at 512x512, forward / forward + backward, ms): layer4's
 # 512x512 filters, whose Winograd-domain copy (38 MB) costs more to write than the products save
-# on 16x16 maps (direct 11.3 / 36.1, Winograd 20.9 / 46.8); and layer1's 64 channels: alone
-# 10.9 / 38.4 direct, 15.7 / 29.1 Winograd, but no faster in a trained ResNet-18's whole step
-# (their (2048 x 64) @ (64 x 64) products run far below peak).
+# on 16x16 maps (direct 11.3 / 36.1, Winograd 20.9 / 46.8); and the forward alone of layer1's 64
+# channels (10.9 direct, 15.7 Winograd: its (2048 x 64) @ (64 x 64) products run far below peak),
+# whose backward gains more than that (forward + backward 38.4 direct, 29.1 Winograd). So 64-channel
+# convolutions take Winograd only when they are trained. In a whole step of a ResNet-18 trained
+# whole (detr_small, medians of 16 steps alternating in one process, three runs): 0.593 s instead
+# of 0.618, 0.595 instead of 0.591, 0.632 instead of 0.669.
 MAX_FILTERS = 256 * 256
 MIN_CHANNELS = 128
+MIN_CHANNELS_TRAINED = 64
 
 
 def applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> bool:
     """Whether :func:`conv2d` takes the Winograd path for these arguments."""
     pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation)]
+    trained = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
             and weight.shape[2:] == (3, 3) and weight.shape[0] * weight.shape[1] <= MAX_FILTERS
-            and min(weight.shape[:2]) >= MIN_CHANNELS
+            and min(weight.shape[:2]) >= (MIN_CHANNELS_TRAINED if trained else MIN_CHANNELS)
             and pairs == [(1, 1), (1, 1), (1, 1)] and groups == 1
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu") and KERNEL.load() is not None)
