@@ -271,8 +271,10 @@ class Backbone(nn.Module):
         unknown = [name for name in return_layers if name not in STAGES]
         if unknown or not return_layers:
             raise ValueError(f"return_layers must be a non-empty subset of {STAGES}, got {tuple(return_layers)}")
-        # The convolution weights are kept channels-last: the layout the convolutions run in (see
-        # forward), so that no step copies them into it and back again. Loading keeps the layout.
+        # The convolution weights are kept channels-last, the layout the convolutions run in (see
+        # forward): a training step then no longer copies each weight into it and its gradient
+        # back (detr_small's step: 0.654 s instead of 0.685, 0.559 instead of 0.584, A/B in one
+        # process). Loading weights keeps the layout; so does the optimiser's state (engine.Run).
         self.body = resnet(cfg.name, (False, False, cfg.dilation), cfg.norm).to(memory_format=torch.channels_last)
         if cfg.weights:
             load_backbone_weights(self.body, cfg.weights)
