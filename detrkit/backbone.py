@@ -274,7 +274,8 @@ class Backbone(nn.Module):
         # The convolution weights are kept channels-last, the layout the convolutions run in (see
         # forward): a training step then no longer copies each weight into it and its gradient
         # back (detr_small's step: 0.654 s instead of 0.685, 0.559 instead of 0.584, A/B in one
-        # process). Loading weights keeps the layout; so does the optimiser's state (engine.Run).
+        # process). Loading weights keeps the layout; so does loaded optimiser state
+        # (engine.make_optimizer).
         self.body = resnet(cfg.name, (False, False, cfg.dilation), cfg.norm).to(memory_format=torch.channels_last)
         if cfg.weights:
             load_backbone_weights(self.body, cfg.weights)

@@ -111,9 +111,10 @@ def param_lr(name: str, cfg: TrainConfig, backbone_prefix: str = "backbone.") ->
 
 
 def _match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give each parameter's optimiser state the parameter's memory layout (the backbone's
+    """Give each parameter's loaded optimiser state the parameter's memory layout (the backbone's
     channels-last weights): fused AdamW walks a parameter and its state in memory order, so a
-    state loaded contiguous would silently update the wrong elements."""
+    state loaded contiguous would silently update the wrong elements. A hook on every optimiser
+    :func:`make_optimizer` returns, so no caller of ``load_state_dict`` can miss it."""
     for p, state in optimizer.state.items():
         for k, v in state.items():
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
@@ -130,8 +131,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, backbone_prefix: str = "b
         if p.requires_grad:
             groups.setdefault(param_lr(name, cfg, backbone_prefix), []).append(p)
     fused = all(p.device.type in ("cpu", "cuda") for ps in groups.values() for p in ps)
-    return torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for lr, ps in groups.items()],
-                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for lr, ps in groups.items()],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer.register_load_state_dict_post_hook(_match_state_layouts)
+    return optimizer
 
 
 def lr_factor(cfg: TrainConfig, epoch: int, global_step: int) -> float:
@@ -234,7 +237,6 @@ class Run:
         checkpoint.load_state_dict_strict(self.model, checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE), str(ckpt))
         torch.set_rng_state(tensors.pop("rng.torch"))
         self.optimizer.load_state_dict(checkpoint.optimizer_from_tensors(tensors, state["optimizer"]))
-        _match_state_layouts(self.optimizer)
         random.setstate(_tuples(state["rng_python"]))
         np.random.set_state(tuple(np.array(x, dtype=np.uint32) if isinstance(x, list) else x
                                   for x in state["rng_numpy"]))
