@@ -3,9 +3,10 @@
 A checkpoint is a folder::
 
     config.json                  {"format": "detrkit", "config": {...}, "categories": {...}}
-    model.safetensors            the model's state dict
+    model.safetensors            the model's state dict (a run with train.ema_decay: the average's)
     optimizer.safetensors        optional: the optimizer's tensors and the torch RNG state
     state.json                   optional: epoch, step, RNG states, optimizer structure
+    live_model.safetensors       optional: the trained weights, when model.safetensors holds their average
 
 The first two alone are detrkit's native model format (what ``detrkit.load`` reads). A training
 run keeps ``RUN/checkpoints/step_00001234/`` folders and a ``RUN/checkpoints/latest`` file naming
@@ -31,6 +32,7 @@ from detrkit.errors import CheckpointError
 FORMAT = "detrkit"
 CONFIG_FILE, MODEL_FILE = "config.json", "model.safetensors"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
+LIVE_MODEL_FILE = "live_model.safetensors"
 
 
 def _tensors_for_saving(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

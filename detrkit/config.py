@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 1  # epochs between evaluations (0: only at the end)
     time_limit: float = 0.0  # seconds; 0 means no limit. The run stops cleanly after the step that passes it.
+    ema_decay: float = 0.0  # > 0: evaluate and save a moving average of the weights (detrkit.ema); e.g. 0.9998
 
 
 @dataclass

@@ -30,6 +30,7 @@ from detrkit.config import Config, TrainConfig
 from detrkit.criterion import nonfinite_terms
 from detrkit.data.batch import collate
 from detrkit.data.coco import CategoryMap, CocoDetection
+from detrkit.ema import EMA
 from detrkit.errors import CheckpointError, TrainingError
 from detrkit.evaluation import CocoEvaluator
 from detrkit.postprocess import to_coco_results
@@ -211,7 +212,14 @@ class Run:
         self.criterion = build_criterion(cfg)
         self.postprocess = build_postprocess(cfg)
         self.optimizer = make_optimizer(self.model, cfg.train)
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.epoch, self.step_in_epoch, self.global_step, self.elapsed = 0, 0, 0, 0.0
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """The model that is evaluated and saved as the run's model: the moving average of the
+        weights when ``train.ema_decay`` is set, else the trained weights themselves."""
+        return self.ema.module if self.ema else self.model
 
     def save(self) -> Path:
         opt_tensors, opt_structure = checkpoint.optimizer_to_tensors(self.optimizer)
@@ -219,9 +227,11 @@ class Run:
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "elapsed": self.elapsed, "optimizer": opt_structure, "rng_python": _jsonable(random.getstate()),
                  "rng_numpy": _jsonable(np.random.get_state())}
+        extra = {checkpoint.OPTIMIZER_FILE: opt_tensors, checkpoint.STATE_FILE: state}
+        if self.ema:
+            extra[checkpoint.LIVE_MODEL_FILE] = self.model.state_dict()
         path = checkpoint.checkpoint_dir(self.run_dir, self.global_step)
-        checkpoint.save_model(path, self.model, self.cfg.to_dict(), self.categories.to_dict(),
-                              extra={checkpoint.OPTIMIZER_FILE: opt_tensors, checkpoint.STATE_FILE: state})
+        checkpoint.save_model(path, self.inference_model, self.cfg.to_dict(), self.categories.to_dict(), extra=extra)
         checkpoint.publish_latest(self.run_dir, path)
         return path
 
@@ -234,7 +244,14 @@ class Run:
                                   f"but the dataset has {self.categories}")
         state = checkpoint.read_state(ckpt)
         tensors = checkpoint.read_tensors(ckpt / checkpoint.OPTIMIZER_FILE)
-        checkpoint.load_state_dict_strict(self.model, checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE), str(ckpt))
+        # Saved with an EMA, model.safetensors is the average and live_model.safetensors the trained
+        # weights; saved without one, an average started now starts from the trained weights.
+        averaged = checkpoint.read_tensors(ckpt / checkpoint.MODEL_FILE)
+        live = ckpt / checkpoint.LIVE_MODEL_FILE
+        trained = checkpoint.read_tensors(live) if live.exists() else averaged
+        checkpoint.load_state_dict_strict(self.model, trained, str(ckpt))
+        if self.ema:
+            checkpoint.load_state_dict_strict(self.ema.module, averaged, str(ckpt))
         torch.set_rng_state(tensors.pop("rng.torch"))
         self.optimizer.load_state_dict(checkpoint.optimizer_from_tensors(tensors, state["optimizer"]))
         random.setstate(_tuples(state["rng_python"]))
@@ -291,6 +308,8 @@ class Run:
                 scaler.update()
                 self.step_in_epoch += 1
                 self.global_step += 1
+                if self.ema:
+                    self.ema.update(self.model, self.global_step)
                 self.elapsed = distributed.from_main(time.monotonic() - start)
                 for k in ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"):
                     if k in losses:
@@ -312,6 +331,8 @@ class Run:
             # DDP keeps gradients in step, not BatchNorm statistics: each process updates its own
             # from its own batches. Rank 0's are the ones saved; evaluate with those everywhere.
             distributed.broadcast_buffers(self.model)
+            if self.ema:
+                distributed.broadcast_buffers(self.ema.module)
             if distributed.is_main():
                 self.save()
             distributed.barrier()
@@ -320,7 +341,7 @@ class Run:
             last = self.epoch >= tcfg.epochs or out_of_time
             if val_set is not None and (last or (tcfg.eval_every and self.epoch % tcfg.eval_every == 0
                                                  and self.step_in_epoch == 0)):
-                stats = evaluate(self.model, self.postprocess, val_set, self.categories, self.device,
+                stats = evaluate(self.inference_model, self.postprocess, val_set, self.categories, self.device,
                                  tcfg.batch_size, tcfg.amp)
                 self.log({"step": self.global_step, "epoch": self.epoch, "time": round(self.elapsed, 2),
                           "eval": stats})

@@ -50,11 +50,13 @@ def test_lr_drops_at_its_epoch_after_the_warmup():
 
 # ---------------------------------------------------------------- resumption
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_resume_mid_epoch_continues_exactly(tiny_root, tiny_config, tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers, ema_decay", [(0, 0.9), (1, 0.0)])
+def test_resume_mid_epoch_continues_exactly(tiny_root, tiny_config, tmp_path, num_workers, ema_decay):
     # Dropout on and full augmentation (flips, random crops): every random stream must resume.
     # 8 images, batch 2: 4 steps per epoch, 8 in all; interruptions mid-epoch 0 and mid-epoch 1.
-    cfg = tiny_config("train.epochs=2", "model.transformer.dropout=0.1", f"data.num_workers={num_workers}")
+    # With an EMA, the evaluations (of the average) check that the average resumes too.
+    cfg = tiny_config("train.epochs=2", "model.transformer.dropout=0.1", f"data.num_workers={num_workers}",
+                      f"train.ema_decay={ema_decay}")
     train, val = datasets(tiny_root, cfg)
 
     whole = Run(cfg, train.categories, tmp_path / "whole", CPU)
@@ -79,9 +81,10 @@ def test_resume_mid_epoch_continues_exactly(tiny_root, tiny_config, tmp_path, nu
             assert got[step][key] == pytest.approx(value, abs=1e-6, rel=0), (step, key)
     assert got_evals == expected_evals and len(expected_evals) == 2  # the evaluation after each epoch
 
-    final = run.model.state_dict()
-    for name, tensor in whole.model.state_dict().items():
-        assert torch.equal(final[name], tensor), name
+    for mine, expected_model in ((run.model, whole.model), (run.inference_model, whole.inference_model)):
+        final = mine.state_dict()
+        for name, tensor in expected_model.state_dict().items():
+            assert torch.equal(final[name], tensor), name
     a, b = whole.optimizer.state_dict()["state"], run.optimizer.state_dict()["state"]
     for idx in a:
         for key in a[idx]:
