@@ -93,13 +93,15 @@ DEFORMABLE_OVERRIDES = [
                                         "deformable_detr_small_two_stage"])
 def trained_run(request, shapes_root, tiny_config, tmp_path_factory) -> Path:
     """A run folder after full-batch training on the four images (no augmentation, fixed seed):
-    the tiny DETR for 100 steps, or a Deformable DETR variant for 150."""
+    the tiny DETR or a Deformable DETR variant for 150 steps."""
     if request.param == "detr_small":
-        # The tiny DETR's seed matters to the alone-vs-padded test: for some seeds (4 of 15 measured,
-        # with and without Winograd convolutions) it learns image 1's single narrow object poorly
-        # enough that its best box there (score ~0.5) moves with the padding. Seed 1 is not one.
+        # 150 steps, not 100: after 100, for some seeds (4 of 15 measured) and float roundings the
+        # tiny DETR still scores some objects near 0.5, and on these 64-96 px images, where every
+        # feature of its stride-32 map touches the padded edge, such a score moves with the padding
+        # (0.52 alone, under 0.3 padded, measured with direct and Winograd convolutions alike).
+        # After 150 steps seeds 1, 2 and 3 all pass.
         cfg = tiny_config("data.train_scales=[64]", "data.hflip=false", "data.random_crop=false",
-                          "train.batch_size=4", "train.epochs=2", "train.lr=1e-3", "train.lr_backbone=1e-3",
+                          "train.batch_size=4", "train.epochs=3", "train.lr=1e-3", "train.lr_backbone=1e-3",
                           "train.eval_every=0", "train.seed=1")
     else:
         cfg = config.apply_overrides(presets.preset(request.param), DEFORMABLE_OVERRIDES)

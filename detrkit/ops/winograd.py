@@ -8,7 +8,8 @@ run near this CPU's peak in oneDNN, so fewer multiplications is the only way to 
 faster; measured on the 3x3 stride-1 convolutions of ResNet-50 at 512x512, forward + backward,
 about 2x faster than oneDNN's direct convolution (bench/detr.py shows the whole training step).
 
-The products run in ``torch.bmm`` (MKL); the tile transforms are C++ kernels compiled on first
+The products run in ``torch.bmm`` (MKL), or, for up to 128 channels, inside a fused C++ kernel
+that keeps the Winograd-domain tiles in cache; the tile transforms are C++ kernels compiled on first
 use (:mod:`detrkit.ops.cpu_build`). Float32 rounding: about 6e-6 of the output's scale against
 1e-6 for the direct convolution, from the transforms' coefficients up to 8.
 
@@ -240,6 +241,150 @@ extern "C" void winograd_output_backward(const float* dy, float* dM, int64_t Bn,
         }
     }
 }
+
+// All three steps in one pass, for few channels (C, O <= 128, multiples of 16): there the
+// products are small and writing and reading the (36, N, C) and (36, N, O) tensors costs more
+// than they do. Each thread takes blocks of TB tiles: input transform into Vb (36, TB, C),
+// products with Ut (36, C, O) into Mb (36, TB, OB) for OB output channels at a time (all in
+// cache), output transform into y.
+typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
+constexpr int TB = 12, RB = 6, OB = 64;
+
+// c[r][0..16] (+)= sum_k a[r, k] * b[k][0..16] for R <= RB rows r, a[r, k] at a + r * a_r + k * a_k
+// (row strides ldb, ldc): 2R accumulators in registers, the usual shape of a matrix-product
+// kernel for 16 AVX2 registers. The forward products read a by rows, the weight gradient's by columns.
+template <int R, bool accumulate>
+static inline void micro(const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, int64_t K,
+                         float* c, int64_t ldc) {
+    vec8 s[R][2] = {};
+    if (accumulate)
+        for (int r = 0; r < R; ++r) {
+            __builtin_memcpy(&s[r][0], c + r * ldc, sizeof(vec8));
+            __builtin_memcpy(&s[r][1], c + r * ldc + 8, sizeof(vec8));
+        }
+    for (int64_t k = 0; k < K; ++k) {
+        vec8 b0, b1;
+        __builtin_memcpy(&b0, b + k * ldb, sizeof(vec8));
+        __builtin_memcpy(&b1, b + k * ldb + 8, sizeof(vec8));
+        #pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+            const float v = a[r * a_r + k * a_k];
+            s[r][0] += v * b0;
+            s[r][1] += v * b1;
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        __builtin_memcpy(c + r * ldc, &s[r][0], sizeof(vec8));
+        __builtin_memcpy(c + r * ldc + 8, &s[r][1], sizeof(vec8));
+    }
+}
+
+extern "C" void winograd_fused(const float* x, const float* Ut, const float* bias, float* y, int64_t Bn,
+                               int64_t H, int64_t W, int64_t C, int64_t O, int nthreads) {
+    const Tiles t(Bn, H, W);
+    const int64_t blocks = (t.N + TB - 1) / TB;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float* Vb = new float[36 * TB * C]();  // zeroed: the rows past a last, partial block
+        float* Mb = new float[36 * TB * OB];
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t n0 = blk * TB, nt = std::min<int64_t>(TB, t.N - n0);
+            for (int64_t k = 0; k < nt; ++k) {
+                int64_t pix[6][6];
+                tile_pixels(t, n0 + k, -1, pix);
+                for (int64_t c0 = 0; c0 < C; c0 += CB) {
+                    vec d[6][6], v[6][6];
+                    read_tile(x, pix, C, c0, block(C, c0), d);
+                    transform(BT, d, v);
+                    write_domain(v, TB, k, C, c0, block(C, c0), Vb);
+                }
+            }
+            for (int64_t o0 = 0; o0 < O; o0 += OB) {
+                const int64_t ob = std::min<int64_t>(OB, O - o0);
+                for (int e = 0; e < 36; ++e)
+                    for (int64_t r0 = 0; r0 < TB; r0 += RB)
+                        for (int64_t o = 0; o < ob; o += 16)
+                            micro<RB, false>(Vb + (e * TB + r0) * C, C, 1, Ut + e * C * O + o0 + o, O, C,
+                                             Mb + (e * TB + r0) * OB + o, OB);
+                for (int64_t k = 0; k < nt; ++k) {
+                    int64_t pix[4][4];
+                    tile_pixels(t, n0 + k, 0, pix);
+                    for (int64_t c0 = 0; c0 < ob; c0 += CB) {
+                        vec m[6][6], out[4][4];
+                        read_domain(Mb, TB, k, OB, c0, CB, m);
+                        transform(AT, m, out);
+                        write_tile<4, false>(out, bias ? load(bias + o0 + c0, CB) : vec{}, pix, O, o0 + c0,
+                                             CB, y);
+                    }
+                }
+            }
+        }
+        delete[] Vb;
+        delete[] Mb;
+    }
+}
+
+// The weight gradient in one pass: dU (36, O, C) = sum over tiles n of dM[:, n]^T V[:, n], with
+// dM the adjoint output transform of dy and V the input transform of x, TBW tiles at a time in
+// cache; each thread sums into its own dU, added into the caller's (zeroed) one at the end.
+constexpr int TBW = 48;
+
+// acc[r][0..16] += sum_k a[k][r] * b[k][0..16] for `rows` <= RB rows (row strides lda, ldb, ldacc)
+static void accumulate_rows(int rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
+                            float* acc, int64_t ldacc) {
+    switch (rows) {
+        case 6: return micro<6, true>(a, 1, lda, b, ldb, K, acc, ldacc);
+        case 5: return micro<5, true>(a, 1, lda, b, ldb, K, acc, ldacc);
+        case 4: return micro<4, true>(a, 1, lda, b, ldb, K, acc, ldacc);
+        case 3: return micro<3, true>(a, 1, lda, b, ldb, K, acc, ldacc);
+        case 2: return micro<2, true>(a, 1, lda, b, ldb, K, acc, ldacc);
+        default: return micro<1, true>(a, 1, lda, b, ldb, K, acc, ldacc);
+    }
+}
+
+extern "C" void winograd_fused_weight_grad(const float* x, const float* dy, float* dU, int64_t Bn, int64_t H,
+                                           int64_t W, int64_t C, int64_t O, int nthreads) {
+    const Tiles t(Bn, H, W);
+    const int64_t blocks = (t.N + TBW - 1) / TBW;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float* Vb = new float[36 * TBW * C];
+        float* Mb = new float[36 * TBW * O];
+        float* acc = new float[36 * O * C]();
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t n0 = blk * TBW, nt = std::min<int64_t>(TBW, t.N - n0);
+            for (int64_t k = 0; k < nt; ++k) {
+                int64_t pin[6][6], pout[4][4];
+                tile_pixels(t, n0 + k, -1, pin);
+                tile_pixels(t, n0 + k, 0, pout);
+                for (int64_t c0 = 0; c0 < C; c0 += CB) {
+                    vec d[6][6], v[6][6];
+                    read_tile(x, pin, C, c0, CB, d);
+                    transform(BT, d, v);
+                    write_domain(v, TBW, k, C, c0, CB, Vb);
+                }
+                for (int64_t o0 = 0; o0 < O; o0 += CB) {
+                    vec g[4][4], m[6][6];
+                    read_tile(dy, pout, O, o0, CB, g);
+                    transform(A, g, m);
+                    write_domain(m, TBW, k, O, o0, CB, Mb);
+                }
+            }
+            for (int e = 0; e < 36; ++e)
+                for (int64_t r0 = 0; r0 < O; r0 += RB)
+                    for (int64_t c = 0; c < C; c += 16)
+                        accumulate_rows((int)std::min<int64_t>(RB, O - r0), Mb + e * TBW * O + r0, O,
+                                        Vb + e * TBW * C + c, C, nt, acc + (e * O + r0) * C + c, C);
+        }
+        #pragma omp critical
+        for (int64_t i = 0; i < 36 * O * C; ++i) dU[i] += acc[i];
+        delete[] Vb;
+        delete[] Mb;
+        delete[] acc;
+    }
+}
 """
 
 
@@ -251,6 +396,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.winograd_output_backward.argtypes = [p, p, i64, i64, i64, i64, i32]
     for name in ("winograd_weight", "winograd_weight_backward"):
         getattr(lib, name).argtypes = [p, p, i64, i64, i32]
+    lib.winograd_fused.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32]
+    lib.winograd_fused_weight_grad.argtypes = [p, p, p, i64, i64, i64, i64, i64, i32]
 
 
 KERNEL = CompiledLibrary("winograd", _SOURCE, _declare, "F.conv2d")
@@ -269,72 +416,154 @@ def _channels_last(*shape: int, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
+def fuses(C: int, O: int) -> bool:
+    """Whether a C -> O channel convolution takes the fused kernel (``winograd_fused``)."""
+    return C % 16 == 0 and O % 16 == 0 and C * O <= MAX_FUSED_FILTERS
+
+
+# The steps, each (B, C, H, W) tensor channels-last; N = _tiles(B, H, W).
+
+def _input_domain(x: Tensor) -> Tensor:
+    """x (B, C, H, W) -> V (36, N, C)."""
+    B, C, H, W = x.shape
+    x = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): a view when x is channels-last
+    V = x.new_empty(36, _tiles(B, H, W), C)
+    KERNEL.load().winograd_input(ptr(x), ptr(V), B, H, W, C, _threads(V))
+    return V
+
+
+def _weight_domain(weight: Tensor) -> Tensor:
+    """weight (O, C, 3, 3) -> U (36, O, C)."""
+    O, C = weight.shape[:2]
+    w = weight.permute(0, 2, 3, 1).contiguous()  # (O, 3, 3, C); ptr() needs it kept alive
+    U = w.new_empty(36, O, C)
+    KERNEL.load().winograd_weight(ptr(w), ptr(U), O, C, _threads(U))
+    return U
+
+
+def _output(M: Tensor, bias: Tensor | None, B: int, H: int, W: int) -> Tensor:
+    """M (36, N, O) -> y (B, O, H, W), plus bias (O,)."""
+    O = M.shape[2]
+    y = _channels_last(B, O, H, W, like=M)
+    b = bias.contiguous() if bias is not None else None
+    KERNEL.load().winograd_output(ptr(M), ptr(b) if b is not None else None, ptr(y), B, H, W, O, _threads(M))
+    return y
+
+
+def _fused(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """All three steps in one kernel: x (B, C, H, W) -> y (B, O, H, W)."""
+    B, C, H, W = x.shape
+    O = weight.shape[0]
+    x = x.permute(0, 2, 3, 1).contiguous()
+    Ut = _weight_domain(weight).transpose(1, 2).contiguous()  # (36, C, O)
+    y = _channels_last(B, O, H, W, like=x)
+    b = bias.contiguous() if bias is not None else None
+    KERNEL.load().winograd_fused(ptr(x), ptr(Ut), ptr(b) if b is not None else None, ptr(y), B, H, W, C, O,
+                                 _threads(y))
+    return y
+
+
+def _output_domain_grad(grad: Tensor) -> Tensor:
+    """The adjoint of :func:`_output`: dy (B, O, H, W) -> dM (36, N, O)."""
+    B, O, H, W = grad.shape
+    grad = grad.permute(0, 2, 3, 1).contiguous()
+    dM = grad.new_empty(36, _tiles(B, H, W), O)
+    KERNEL.load().winograd_output_backward(ptr(grad), ptr(dM), B, H, W, O, _threads(dM))
+    return dM
+
+
+def _fused_weight_domain_grad(x: Tensor, grad: Tensor) -> Tensor:
+    """dU (36, O, C) from x (B, C, H, W) and dy (B, O, H, W) in one kernel, without dM and V."""
+    B, C, H, W = x.shape
+    O = grad.shape[1]
+    x, grad = x.permute(0, 2, 3, 1).contiguous(), grad.permute(0, 2, 3, 1).contiguous()
+    dU = x.new_zeros(36, O, C)
+    KERNEL.load().winograd_fused_weight_grad(ptr(x), ptr(grad), ptr(dU), B, H, W, C, O, _threads(x))
+    return dU
+
+
+def _input_grad(dV: Tensor, B: int, H: int, W: int) -> Tensor:
+    """The adjoint of :func:`_input_domain`: dV (36, N, C) -> dx (B, C, H, W)."""
+    C = dV.shape[2]
+    dx = _channels_last(B, C, H, W, like=dV).zero_()
+    KERNEL.load().winograd_input_backward(ptr(dV), ptr(dx), B, H, W, C, _threads(dV))
+    return dx
+
+
+def _weight_grad(dU: Tensor) -> Tensor:
+    """The adjoint of :func:`_weight_domain`: dU (36, O, C) -> dw (O, C, 3, 3)."""
+    O, C = dU.shape[1:]
+    dw = _channels_last(O, C, 3, 3, like=dU)
+    KERNEL.load().winograd_weight_backward(ptr(dU), ptr(dw), O, C, _threads(dU))
+    return dw
+
+
 class _Winograd(torch.autograd.Function):
     """x (B, C, H, W) channels-last, weight (O, C, 3, 3), bias (O,) or None -> (B, O, H, W)
     channels-last; padding 1, stride 1."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        lib = KERNEL.load()
         B, C, H, W = x.shape
-        O = weight.shape[0]
-        x = x.permute(0, 2, 3, 1).contiguous()  # a view when x is channels-last
-        w = weight.permute(0, 2, 3, 1).contiguous()  # (O, 3, 3, C)
-        N = _tiles(B, H, W)
-        V, U = x.new_empty(36, N, C), x.new_empty(36, O, C)
-        lib.winograd_input(ptr(x), ptr(V), B, H, W, C, _threads(V))
-        lib.winograd_weight(ptr(w), ptr(U), O, C, _threads(U))
-        M = torch.bmm(V, U.transpose(1, 2))  # (36, N, O)
-        y = _channels_last(B, O, H, W, like=x)
-        b = bias.contiguous() if bias is not None else None
-        lib.winograd_output(ptr(M), ptr(b) if b is not None else None, ptr(y), B, H, W, O, _threads(M))
+        ctx.fused = fuses(C, weight.shape[0])
+        if ctx.fused:
+            ctx.save_for_backward(x, weight)
+            return _fused(x, weight, bias)
+        V, U = _input_domain(x), _weight_domain(weight)
         ctx.save_for_backward(V, U)
-        ctx.geometry = (B, C, H, W, O)
-        return y
+        return _output(torch.bmm(V, U.transpose(1, 2)), bias, B, H, W)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        lib = KERNEL.load()
-        V, U = ctx.saved_tensors
-        B, C, H, W, O = ctx.geometry
-        grad = grad.permute(0, 2, 3, 1).contiguous()  # (B, H, W, O)
-        dM = grad.new_empty(36, V.shape[1], O)
-        lib.winograd_output_backward(ptr(grad), ptr(dM), B, H, W, O, _threads(dM))
+        B, O, H, W = grad.shape
+        need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            dV = torch.bmm(dM, U)  # (36, N, C)
-            grad_x = _channels_last(B, C, H, W, like=grad).zero_()
-            lib.winograd_input_backward(ptr(dV), ptr(grad_x), B, H, W, C, _threads(dV))
-        if ctx.needs_input_grad[1]:
-            dU = torch.bmm(dM.transpose(1, 2), V)  # (36, O, C)
-            grad_w = _channels_last(O, C, 3, 3, like=grad)
-            lib.winograd_weight_backward(ptr(dU), ptr(grad_w), O, C, _threads(dU))
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 1, 2))
+        if ctx.fused:
+            x, weight = ctx.saved_tensors
+            if need_x:  # a stride-1, padding-1 3x3 convolution's input gradient is the convolution
+                # of the output gradient with its filters flipped, input and output channels swapped
+                grad_x = _fused(grad.contiguous(memory_format=torch.channels_last),
+                                weight.flip(2, 3).transpose(0, 1), None)
+            if need_w and x.shape[1] * O <= MAX_FUSED_WEIGHT_GRAD_FILTERS:
+                grad_w = _weight_grad(_fused_weight_domain_grad(x, grad))
+            elif need_w:  # the Winograd-domain input is recomputed here rather than kept since the forward
+                grad_w = _weight_grad(torch.bmm(_output_domain_grad(grad).transpose(1, 2), _input_domain(x)))
+        else:
+            V, U = ctx.saved_tensors
+            dM = _output_domain_grad(grad)
+            if need_x:
+                grad_x = _input_grad(torch.bmm(dM, U), B, H, W)
+            if need_w:
+                grad_w = _weight_grad(torch.bmm(dM.transpose(1, 2), V))
+        if need_b:
+            grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b
 
 
-# Where Winograd was slower here (batch 2 at 512x512, forward / forward + backward, ms): layer4's
-# 512x512 filters, whose Winograd-domain copy (38 MB) costs more to write than the products save
-# on 16x16 maps (direct 11.3 / 36.1, Winograd 20.9 / 46.8); and the forward alone of layer1's 64
-# channels (10.9 direct, 15.7 Winograd: its (2048 x 64) @ (64 x 64) products run far below peak),
-# whose backward gains more than that (forward + backward 38.4 direct, 29.1 Winograd). So 64-channel
-# convolutions take Winograd only when they are trained. In a whole step of a ResNet-18 trained
-# whole (detr_small, medians of 16 steps alternating in one process, three runs): 0.593 s instead
-# of 0.618, 0.595 instead of 0.591, 0.632 instead of 0.669.
+# Measured here, batch 2 at 512x512 (ms). Layer4's 512x512 filters stay direct: their
+# Winograd-domain copy (38 MB) costs more to write than the products save on 16x16 maps (forward /
+# forward + backward: direct 11.3 / 36.1, Winograd 20.9 / 46.8). Up to 128x128 filters the fused
+# kernel: layer1's 64 channels, forward 7.8 against 11.3 direct and 11.4 unfused, where the
+# (2048 x 64) @ (64 x 64) products run far below peak in bmm and the Winograd-domain tensors cost
+# more memory traffic than the products; layer2's 128, 5.7-7.4 against 8.1-8.9 unfused. At 256
+# channels the fused kernel reads all of Ut (9.4 MB) per block of tiles and is slower (10.6 against
+# 8.0). The fused weight gradient, which keeps a (36, O, C) sum per thread, only up to 64x64
+# filters: 9.3 against 25.0 ms at 64 channels, 7.3 against 6.2 at 128. A detr_small training step
+# (ResNet-18 trained whole; medians of 20 alternating in one process, two runs): 0.661 and 0.602 s
+# with the fused kernels, against 0.687 and 0.658 before; inference 0.114 against 0.128.
 MAX_FILTERS = 256 * 256
-MIN_CHANNELS = 128
-MIN_CHANNELS_TRAINED = 64
+MAX_FUSED_FILTERS = 128 * 128
+MAX_FUSED_WEIGHT_GRAD_FILTERS = 64 * 64
+MIN_CHANNELS = 64
 
 
 def applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> bool:
     """Whether :func:`conv2d` takes the Winograd path for these arguments."""
     pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation)]
-    trained = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
             and weight.shape[2:] == (3, 3) and weight.shape[0] * weight.shape[1] <= MAX_FILTERS
-            and min(weight.shape[:2]) >= (MIN_CHANNELS_TRAINED if trained else MIN_CHANNELS)
+            and min(weight.shape[:2]) >= MIN_CHANNELS
             and pairs == [(1, 1), (1, 1), (1, 1)] and groups == 1
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu") and KERNEL.load() is not None)
