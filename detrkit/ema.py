@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from detrkit.config import ConfigError
+
 
 class EMA:
     """``module`` holds the average of the weights of the model given to :meth:`update`.
@@ -20,7 +22,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"train.ema_decay: expected a number in (0, 1), got {decay}")
+            raise ConfigError(f"train.ema_decay: expected a number in (0, 1) (or 0: no average), got {decay}")
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 

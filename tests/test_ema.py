@@ -12,6 +12,7 @@ from torch import nn
 import detrkit
 from detrkit import checkpoint
 from detrkit.build import build_model
+from detrkit.config import ConfigError
 from detrkit.data.coco import CocoDetection, resolve_split
 from detrkit.data.transforms import make_transforms
 from detrkit.ema import EMA
@@ -45,7 +46,7 @@ def test_update_is_the_moving_average_with_its_warmup():
 
 
 def test_rejects_a_decay_outside_zero_one():
-    with pytest.raises(ValueError, match="train.ema_decay"):
+    with pytest.raises(ConfigError, match="train.ema_decay"):
         EMA(nn.Linear(2, 2), 1.0)
 
 

@@ -285,7 +285,7 @@ extern "C" void winograd_fused(const float* x, const float* Ut, const float* bia
     const int64_t blocks = (t.N + TB - 1) / TB;
     #pragma omp parallel num_threads(nthreads)
     {
-        float* Vb = new float[36 * TB * C]();  // zeroed: the rows past a last, partial block
+        float* Vb = new float[36 * TB * C]();  // rows past a partial block: finite, never read uninitialised
         float* Mb = new float[36 * TB * OB];
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
