@@ -52,7 +52,8 @@ def test_skip_resumes_inside_the_shard(monkeypatch):
 
 
 LAUNCHER = """
-    # Runs `detrkit train` in each process; records what each process saw and its final weights.
+    # Runs `detrkit train` in each process; records what each process saw and its final weights
+    # (the moving average's, which the run evaluates and saves as its model).
     import itertools, json, os, sys, time
     from safetensors.torch import save_file
     from detrkit import cli, engine
@@ -71,7 +72,7 @@ LAUNCHER = """
 
     def train_and_dump(self, *args, **kwargs):
         stats = train(self, *args, **kwargs)
-        state = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().contiguous().clone() for k, v in self.inference_model.state_dict().items()}
         save_file(state, f"{out}/rank{rank}.safetensors")
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"boxes": boxes, "stats": stats}, f)
@@ -111,7 +112,7 @@ def test_ddp_with_a_process_that_sees_only_empty_images(tiny_root, tiny_override
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(tmp_path / "launch.py"), "train", "--data", str(data), "--out", str(run),
                "--epochs", str(epochs), *tiny_overrides, "--set", "train.batch_size=1",
-               "--set", f"train.seed={seed}", "--time-limit", "100000"]
+               "--set", f"train.seed={seed}", "--set", "train.ema_decay=0.9", "--time-limit", "100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
@@ -134,5 +135,6 @@ def test_ddp_with_a_process_that_sees_only_empty_images(tiny_root, tiny_override
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name  # parameters and BatchNorm statistics
         assert torch.equal(tensor, checkpoint[name]), name
+    assert (run / "checkpoints" / "step_00000004" / "live_model.safetensors").exists()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval" in r] == [2, 4]
