@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from detrkit.backbone import Backbone
 from detrkit.deformable_transformer import DeformableTransformer, refine_boxes
 from detrkit.detr import MLP, set_outputs
+from detrkit.ops.linear import Linear
 from detrkit.recollection import layer_index
 
 
@@ -40,7 +41,7 @@ class DeformableDETR(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
 
-        class_embed, bbox_embed = nn.Linear(d, num_classes), MLP(d, d, 4, 3)
+        class_embed, bbox_embed = Linear(d, num_classes), MLP(d, d, 4, 3)
         prior = 0.01  # focal-loss prior: every class starts at probability 0.01
         nn.init.constant_(class_embed.bias, -math.log((1 - prior) / prior))
         nn.init.zeros_(bbox_embed.layers[-1].weight)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from detrkit.config import ModelConfig
 from detrkit.deformable_attention import MSDeformAttn
 from detrkit.ops.dropout import Dropout
+from detrkit.ops.linear import Linear
 from detrkit.recollection import State, run_stages
 from detrkit.transformer import MultiheadAttention, grouped_self_attention, with_pos
 
@@ -53,9 +54,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear1 = Linear(d_model, d_ffn)
         self.dropout2 = Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.linear2 = Linear(d_ffn, d_model)
         self.dropout3 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
@@ -93,9 +94,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(d_model, n_heads, dropout)
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear1 = Linear(d_model, d_ffn)
         self.dropout3 = Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.linear2 = Linear(d_ffn, d_model)
         self.dropout4 = Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
@@ -194,12 +195,12 @@ class DeformableTransformer(nn.Module):
                                                     cfg.recurrent_steps)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         if self.two_stage:
-            self.enc_output = nn.Linear(d, d)
+            self.enc_output = Linear(d, d)
             self.enc_output_norm = nn.LayerNorm(d)
-            self.pos_trans = nn.Linear(2 * d, 2 * d)
+            self.pos_trans = Linear(2 * d, 2 * d)
             self.pos_trans_norm = nn.LayerNorm(2 * d)
         else:
-            self.reference_points = nn.Linear(d, 2)
+            self.reference_points = Linear(d, 2)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

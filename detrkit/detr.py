@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.backbone import Backbone
+from detrkit.ops.linear import Linear
 from detrkit.transformer import Transformer
 
 
@@ -14,7 +15,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+        self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -40,7 +41,7 @@ class DETR(nn.Module):
         self.transformer = transformer
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], d_model, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, d_model)
-        self.class_embed = nn.Linear(d_model, num_class_outputs)
+        self.class_embed = Linear(d_model, num_class_outputs)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.aux_loss = aux_loss
 

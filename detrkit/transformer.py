@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from detrkit.config import TransformerConfig
 from detrkit.ops.dropout import Dropout, dropout
+from detrkit.ops.linear import Linear, linear
 from detrkit.recollection import State, run_stages
 
 
@@ -36,7 +37,7 @@ class MultiheadAttention(nn.Module):
         self.nheads, self.dropout = nheads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -46,7 +47,7 @@ class MultiheadAttention(nn.Module):
         Returns (B, Nq, d)."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q, k, v = (self._heads(F.linear(x, w, b)) for x, w, b in
+        q, k, v = (self._heads(linear(x, w, b)) for x, w, b in
                    ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
         if self.training and self.dropout > 0 and q.device.type == "cpu":
             out = _attention_with_dropout(q, k, v, key_padding_mask, self.dropout)
@@ -84,8 +85,8 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.self_attn = MultiheadAttention(d, cfg.nheads, cfg.dropout)
-        self.linear1 = nn.Linear(d, cfg.dim_feedforward)
-        self.linear2 = nn.Linear(cfg.dim_feedforward, d)
+        self.linear1 = Linear(d, cfg.dim_feedforward)
+        self.linear2 = Linear(cfg.dim_feedforward, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout = Dropout(cfg.dropout)  # inside the FFN
         self.dropout1, self.dropout2 = Dropout(cfg.dropout), Dropout(cfg.dropout)
@@ -104,8 +105,8 @@ class TransformerDecoderLayer(nn.Module):
         d = cfg.d_model
         self.self_attn = MultiheadAttention(d, cfg.nheads, cfg.dropout)
         self.multihead_attn = MultiheadAttention(d, cfg.nheads, cfg.dropout)  # cross-attention
-        self.linear1 = nn.Linear(d, cfg.dim_feedforward)
-        self.linear2 = nn.Linear(cfg.dim_feedforward, d)
+        self.linear1 = Linear(d, cfg.dim_feedforward)
+        self.linear2 = Linear(cfg.dim_feedforward, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout = Dropout(cfg.dropout)
         self.dropout1, self.dropout2, self.dropout3 = (Dropout(cfg.dropout) for _ in range(3))
