@@ -296,13 +296,15 @@ class Backbone(nn.Module):
         Returns one ``(feature (B, C_l, H_l, W_l), mask (B, H_l, W_l) bool)`` per return layer.
         """
         if images.device.type == "cpu":
-            # oneDNN's convolutions run fastest on channels-last (NHWC) feature maps; the
-            # returned features are made contiguous again, so callers see the usual layout.
+            # oneDNN's convolutions run fastest on channels-last (NHWC) feature maps. The features
+            # are returned in that layout: what follows are convolutions too (the projections to
+            # d_model), and flattening their output to tokens (B, H*W, d) is then a view.
+            # Deformable-DETR-R50 inference: 0.724 s instead of 0.764 with contiguous features.
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.body(images)
         out = []
         for name in self.return_layers:
-            x = features[name].contiguous()
+            x = features[name]
             m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
             out.append((x, m))
         return out

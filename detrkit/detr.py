@@ -1,7 +1,6 @@
 """DETR: a CNN backbone, a transformer and set prediction heads (Carion et al., 2020)."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.backbone import Backbone
@@ -19,7 +18,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+            x = layer(x, relu=i < len(self.layers) - 1)
         return x
 
 

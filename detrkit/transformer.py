@@ -95,7 +95,7 @@ class TransformerEncoderLayer(nn.Module):
         """src, pos: (B, S, d); mask: (B, S), True = padding."""
         q = k = with_pos(src, pos)
         src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, mask)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src), inplace=True)))
+        ffn = self.linear2(self.dropout(self.linear1(src, relu=True)))
         return self.norm2(src + self.dropout2(ffn))
 
 
@@ -115,11 +115,11 @@ class TransformerDecoderLayer(nn.Module):
                 pos: Tensor | None, num_groups: int = 1) -> Tensor:
         """tgt, query_pos: (B, G*N, d) for G query groups; memory, pos: (B, S, d);
         memory_mask: (B, S), True = padding. Returns (B, G*N, d)."""
-        q = k = with_pos(tgt, query_pos)
+        q = with_pos(tgt, query_pos)
         tgt = self.norm1(tgt + self.dropout1(grouped_self_attention(self.self_attn, q, tgt, num_groups)))
         attended = self.multihead_attn(with_pos(tgt, query_pos), with_pos(memory, pos), memory, memory_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt), inplace=True)))
+        ffn = self.linear2(self.dropout(self.linear1(tgt, relu=True)))
         return self.norm3(tgt + self.dropout3(ffn))
 
 

@@ -25,9 +25,9 @@ def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
     """The input shapes of the oneDNN calls made while the test runs."""
     calls, onednn = [], linear_module._onednn
 
-    def counted(x, weight, bias):
+    def counted(x, weight, bias, relu=False):
         calls.append(tuple(x.shape))
-        return onednn(x, weight, bias)
+        return onednn(x, weight, bias, relu)
 
     monkeypatch.setattr(linear_module, "_onednn", counted)
     return calls
@@ -35,9 +35,10 @@ def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
 
 # input shapes (..., C) -> O outputs: batched tokens, a matrix, a single vector; sizes that are not
 # multiples of any SIMD width
-@pytest.mark.parametrize("shape,out_features", [((2, 37, 24), 40), ((5, 3, 7, 16), 9), ((13, 64), 256), ((33,), 5)])
+@pytest.mark.parametrize("shape,out_features", [((2, 37, 24), 40), ((5, 3, 7, 16), 9), ((13, 64), 256), ((33,), 17)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_values_and_gradients_match_a_float64_linear(shape, out_features, with_bias, onednn_calls):
+@pytest.mark.parametrize("relu", [False, True])
+def test_values_and_gradients_match_a_float64_linear(shape, out_features, with_bias, relu, onednn_calls):
     torch.manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64)
     w = torch.randn(out_features, shape[-1], dtype=torch.float64) / shape[-1] ** 0.5
@@ -45,10 +46,16 @@ def test_values_and_gradients_match_a_float64_linear(shape, out_features, with_b
     grad = torch.randn(*shape[:-1], out_features, dtype=torch.float64)
     inputs64 = [t.requires_grad_() for t in (x, w, b) if t is not None]
     ref = F.linear(x, w, b)
+    if relu:
+        ref = ref.relu()
+        assert 0 < (ref == 0).sum() < ref.numel()  # both sides of the ReLU are exercised
     ref_grads = torch.autograd.grad(ref, inputs64, grad)
 
     inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
-    y = linear(*inputs32)
+    if with_bias:
+        y = linear(*inputs32, relu=relu)
+    else:
+        y = linear(*inputs32, None, relu)
     grads = torch.autograd.grad(y, inputs32, grad.float())
     assert y.shape == ref.shape
     assert relative_error(y, ref) < 1e-5
@@ -63,6 +70,19 @@ def test_strided_inputs_and_weights():
     x = torch.randn(24, 6, 2).transpose(0, 2)  # (2, 6, 24), not contiguous
     w = torch.randn(24, 10).t()  # (10, 24), a transposed view
     torch.testing.assert_close(linear(x, w), F.linear(x, w))
+
+
+def test_relu_where_onednn_is_not_taken(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(linear_module, "MIN_MACS", 1 << 62)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(4, 8, requires_grad=True)
+    y = linear(x, w, relu=True)
+    ref = F.linear(x, w).relu()
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, [x, w], grad), torch.autograd.grad(ref, [x, w], grad)):
+        torch.testing.assert_close(g, r)
 
 
 def test_only_the_gradients_asked_for(onednn_calls):
