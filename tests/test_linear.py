@@ -52,10 +52,7 @@ def test_values_and_gradients_match_a_float64_linear(shape, out_features, with_b
     ref_grads = torch.autograd.grad(ref, inputs64, grad)
 
     inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
-    if with_bias:
-        y = linear(*inputs32, relu=relu)
-    else:
-        y = linear(*inputs32, None, relu)
+    y = linear(*inputs32, relu=relu)
     grads = torch.autograd.grad(y, inputs32, grad.float())
     assert y.shape == ref.shape
     assert relative_error(y, ref) < 1e-5
