@@ -1,5 +1,9 @@
 """Linear layers through oneDNN: values and gradients against a float64 ``F.linear``, and the rule
 for when they are taken."""
+import os
+import shlex
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +120,18 @@ def test_same_state_dict_as_nn_linear():
     plain.load_state_dict(ours.state_dict())
     x = torch.randn(5, 8)
     torch.testing.assert_close(ours(x), plain(x))
+
+
+def test_torch_compile_takes_f_linear():
+    # inductor cannot lower the oneDNN op with an unpacked weight: a compiled model failed to build
+    if shutil.which(shlex.split(os.environ.get("CXX", "c++"))[0]) is None:
+        pytest.skip("no C++ compiler for inductor")
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    compiled = torch.compile(layer)
+    y, ref = compiled(x, relu=True), layer(x, relu=True)
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, [x, layer.weight], grad), torch.autograd.grad(ref, [x, layer.weight], grad)):
+        torch.testing.assert_close(g, r)

@@ -8,7 +8,7 @@ PyTorch's own compiler uses for CPU linears (``torch.ops.mkldnn._linear_pointwis
 256 -> 2048) 1.06 vs 1.70 forward. MKL stays faster for the weight gradient (a GEMM over the
 tokens), so the backward keeps it there. oneDNN costs ~15 us more per call, so products
 below ``MIN_MACS`` multiply-adds (break-even here) stay with MKL too. Elsewhere (other devices or
-dtypes, autocast, a torch without the operator) this is ``F.linear``.
+dtypes, autocast, torch.compile, a torch without the operator) this is ``F.linear``.
 """
 from __future__ import annotations
 
@@ -70,9 +70,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = F
     autograd handles an in-place op on a view by copying the whole gradient (CopySlices), which took
     8% of a Deformable-DETR-R50 training step."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
+    # under torch.compile, F.linear: inductor cannot lower the oneDNN op with an unpacked weight,
+    # and on CPU it picks oneDNN for linears itself
     if (x.device.type != "cpu" or any(t.dtype != torch.float32 or t.device != x.device for t in tensors)
             or math.prod(x.shape[:-1]) * weight.numel() < MIN_MACS or torch.is_autocast_enabled("cpu")
-            or not onednn_available()):
+            or torch.compiler.is_compiling() or not onednn_available()):
         out = F.linear(x, weight, bias)
         return F.relu(out) if relu else out
     rows = x.reshape(-1, x.shape[-1]).contiguous()
