@@ -1,20 +1,18 @@
 """The one-pass CPU dropout: the statistics and the gradient of dropout, reproducible by seed."""
-import os
-import shlex
-import shutil
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from detrkit.ops import cpu_build
 from detrkit.ops import dropout as dropout_module
 from detrkit.ops.dropout import Dropout, dropout
 
 
 @pytest.fixture(autouse=True)
 def kernel():
-    if shutil.which(shlex.split(os.environ.get("CXX", "c++"))[0]) is None:
+    if not cpu_build.has_compiler():
         pytest.skip("no C++ compiler")
     # otherwise these tests would silently check torch's dropout, which the op falls back to
     assert dropout_module.KERNEL.load() is not None, "the dropout kernel failed to build"

@@ -1,13 +1,11 @@
 """Linear layers through oneDNN: values and gradients against a float64 ``F.linear``, and the rule
 for when they are taken."""
-import os
-import shlex
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from detrkit.ops import cpu_build
 from detrkit.ops import linear as linear_module
 from detrkit.ops.linear import Linear, linear
 
@@ -124,7 +122,7 @@ def test_same_state_dict_as_nn_linear():
 
 def test_torch_compile_takes_f_linear():
     # inductor cannot lower the oneDNN op with an unpacked weight: a compiled model failed to build
-    if shutil.which(shlex.split(os.environ.get("CXX", "c++"))[0]) is None:
+    if not cpu_build.has_compiler():
         pytest.skip("no C++ compiler for inductor")
     torch.manual_seed(0)
     layer = Linear(16, 8)

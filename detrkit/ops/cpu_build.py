@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -61,11 +62,10 @@ class CompiledLibrary:
         """The loaded library, built first if needed; None if that fails."""
         if self._lib is not None or self._failed:
             return self._lib
-        compiler = shlex.split(os.environ.get("CXX", "c++"))
         errors = []
         # Without OpenMP (e.g. Apple clang) the kernels still build, single-threaded.
         for extra in (_cpu_flags() + ["-fopenmp"], []):
-            command = [*compiler, *_FLAGS, *extra]
+            command = [*compiler(), *_FLAGS, *extra]
             key = hashlib.sha256("\0".join([self.source, *command]).encode()).hexdigest()[:16]
             path = os.path.join(self._build_dir(), f"{self.name}_{key}.so")
             try:
@@ -81,6 +81,16 @@ class CompiledLibrary:
         warnings.warn(f"detrkit: could not build the CPU kernel of {self.name}; using {self.fallback} "
                       "instead. " + "\n".join(errors), RuntimeWarning, stacklevel=4)
         return None
+
+
+def compiler() -> list[str]:
+    """The C++ compiler command the kernels are built with: ``$CXX``, else ``c++``."""
+    return shlex.split(os.environ.get("CXX", "c++"))
+
+
+def has_compiler() -> bool:
+    """Whether :func:`compiler` is installed (without it every kernel falls back to torch)."""
+    return shutil.which(compiler()[0]) is not None
 
 
 def num_threads(work_items: int, per_thread: int) -> int:
